@@ -1,0 +1,121 @@
+"""Token generation: one request through mlx-lm's `stream_generate`, or many rows
+of different steering in one fixed-batch decode loop."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .models import base
+from .steer import Steer
+
+PREFILL_STEP = 2048
+
+
+def make_sampler(temperature: float, top_p: float = 1.0,
+                 seed: int | None = None) -> Callable[[mx.array], mx.array]:
+    """Greedy at temperature 0; else Gumbel-max sampling from a private key.
+
+    The key belongs to the request, so concurrent requests and batch rows
+    with the same seed draw the same numbers as a lone request would.
+    """
+    if temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    from mlx_lm.sample_utils import apply_top_p
+
+    state = [mx.random.key(seed if seed is not None else random.getrandbits(32))]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        state[0], sub = mx.random.split(state[0])
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        noise = mx.random.gumbel(shape=logprobs.shape, key=sub)
+        return mx.argmax(logprobs * (1.0 / temperature) + noise, axis=-1)
+
+    return sample
+
+
+def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
+           max_tokens: int, temperature: float, top_p: float,
+           seed: int | None, prefill_step_size: int = PREFILL_STEP) -> Iterator[str]:
+    """Text pieces of one request; steering rides on `caches`."""
+    from mlx_lm.generate import stream_generate
+
+    for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
+                             sampler=make_sampler(temperature, top_p, seed),
+                             prompt_cache=caches, prefill_step_size=prefill_step_size):
+        if r.text:
+            yield r.text
+
+
+@dataclass
+class RowResult:
+    """One row of a batched generation."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    first_logprobs: np.ndarray = field(repr=False)  # (vocab,) at the first generated token
+
+
+def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
+          rows: Sequence[Sequence[Steer]], max_tokens: int, temperature: float,
+          top_p: float, seed: int | None, progress: Callable[[int, int], None] | None = None,
+          prefill_step_size: int = PREFILL_STEP) -> list[RowResult]:
+    """Decode all rows together: left-padded, each with its own steering and sampler."""
+    B = len(toks)
+    lens = [len(t) for t in toks]
+    width = max(lens)
+    pads = [width - n for n in lens]
+    plans = base.build_plans(rows, lens)
+    caches = base.make_caches(model, plans, left_padding=pads)
+    x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
+
+    # Like generate_step: the prompt but its last token in chunks, then the last one.
+    done_upto = 0
+    while width - 1 - done_upto > 0:
+        n = min(prefill_step_size, width - 1 - done_upto)
+        model(x[:, done_upto:done_upto + n], cache=caches)
+        mx.eval([c.state for c in caches])
+        done_upto += n
+    logits = model(x[:, -1:], cache=caches)[:, -1, :]
+
+    samplers = [make_sampler(temperature, top_p, seed) for _ in range(B)]
+    eos = set(tokenizer.eos_token_ids)
+    detok = [tokenizer.detokenizer for _ in range(B)]
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    active = [True] * B
+    first = None
+    for step in range(max_tokens):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(B)])
+        if first is None:
+            first = logprobs.astype(mx.float32)
+            mx.eval(y, first)
+        else:
+            mx.eval(y)
+        for i, t in enumerate(y.tolist()):
+            if not active[i]:
+                continue
+            if t in eos:
+                active[i], reasons[i] = False, "stop"
+                continue
+            out[i].append(t)
+            detok[i].add_token(t)
+        if progress:
+            progress(step + 1, max_tokens)
+        if not any(active) or step == max_tokens - 1:
+            break
+        logits = model(y[:, None], cache=caches)[:, -1, :]
+    first_np = np.array(first)
+    results = []
+    for i in range(B):
+        detok[i].finalize()
+        results.append(RowResult(detok[i].text, out[i], reasons[i], first_np[i]))
+    return results

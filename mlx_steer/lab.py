@@ -1,0 +1,211 @@
+"""`Lab`: a loaded model with exact, per-request steering, capture and generation."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import generation
+from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
+from .models import base
+from .steer import Steer, SteerLike, as_steers, check_steers
+
+Request = tuple[str, SteerLike]
+
+
+@dataclass
+class Trace:
+    """One forward pass: its tokens, every block's output and the logits."""
+
+    tokens: list[int]
+    hidden: np.ndarray  # (num_layers, T, D) float32
+    logits: np.ndarray  # (T, vocab) float32
+
+
+class Lab:
+    """A steerable model. Steering is passed per call and never stored here.
+
+    Attributes:
+        model, tokenizer: the mlx-lm objects (blocks made steerable in place).
+        name: what was loaded; note: why (e.g. what "auto" chose).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str,
+                 context_length: int | None = None, note: str = ""):
+        base.install(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.note = note
+        args = getattr(model, "args", None)
+        self.context_length = int(context_length or getattr(
+            args, "max_position_embeddings", None) or 4096)
+        self.lock = threading.RLock()  # for callers that want to serialise work
+        self._fingerprint: str | None = None
+
+    # ---- shape of the model -------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.args.hidden_size)
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.model, "model_type", "") or
+                   getattr(self.model.args, "model_type", "unknown"))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model's weights: concepts made for another model are refused."""
+        if self._fingerprint is None:
+            ids = mx.arange(min(64, self.tokenizer.vocab_size))
+            emb = np.asarray(self.model.model.embed_tokens(ids).astype(mx.float32))
+            h = hashlib.sha256()
+            h.update(f"{self.model_type}|{self.num_layers}|{self.hidden_size}|"
+                     f"{self.tokenizer.vocab_size}|".encode())
+            # Row means, coarsely rounded: stable across fp16/fp32/dequantised copies.
+            h.update(np.round(emb.mean(axis=1), 3).astype(np.float32).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    # ---- tokens ----------------------------------------------------------------
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of `text`, through the chat template when `chat`."""
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyPromptError("the prompt is empty: type some text to continue")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            ids = self.tokenizer.encode(text)
+        return list(ids)
+
+    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0):
+        if not tokens:
+            raise EmptyPromptError("the prompt encodes to no tokens")
+        if len(tokens) + max_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"the prompt has {len(tokens)} tokens"
+                + (f" (+{max_tokens} to generate)" if max_tokens else "")
+                + f", more than this model's context of {self.context_length}; "
+                "shorten it")
+        check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+
+    # ---- forward passes -------------------------------------------------------
+    def trace(self, text: str | Sequence[int], steer: SteerLike = None,
+              chat: bool = False, prompt_len: int | None = None) -> Trace:
+        """One forward pass returning tokens, all block outputs and logits.
+
+        `text` may be a string or token ids. `prompt_len` (default: all tokens)
+        is where "prompt" ends and "generated" begins for position rules, so a
+        generated sequence can be replayed exactly.
+        """
+        tokens = self.encode(text, chat) if isinstance(text, str) else list(text)
+        steers = as_steers(steer)
+        self._check(tokens, steers)
+        plans = base.build_plans([steers], [prompt_len or len(tokens)])
+        caches = base.make_caches(self.model, plans, capture=True)
+        logits = self.model(mx.array(tokens)[None], cache=caches)
+        hidden = mx.stack([c.capture[0][0] for c in caches]).astype(mx.float32)
+        logits = logits[0].astype(mx.float32)
+        mx.eval(hidden, logits)
+        return Trace(tokens, np.array(hidden), np.array(logits))
+
+    def hidden_states(self, text: str, steer: SteerLike = None,
+                      chat: bool = False) -> np.ndarray:
+        """Every block's output, after its steering: float32 (num_layers, T, D)."""
+        return self.trace(text, steer, chat).hidden
+
+    def logits(self, text: str, steer: SteerLike = None, chat: bool = False) -> np.ndarray:
+        """Next-token logits at every position: float32 (T, vocab)."""
+        return self.trace(text, steer, chat).logits
+
+    def hidden_states_batch(self, texts: Sequence[str], chat: bool = False,
+                            steer: SteerLike = None) -> list[np.ndarray]:
+        """Block outputs of many texts in one left-padded forward pass.
+
+        Returns one float32 (num_layers, T_i, D) array per text, padding removed.
+        """
+        toks = [self.encode(t, chat) for t in texts]
+        steers = as_steers(steer)
+        for t in toks:
+            self._check(t, steers)
+        width = max(map(len, toks))
+        pads = [width - len(t) for t in toks]
+        x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
+        plans = base.build_plans([steers] * len(toks), [len(t) for t in toks])
+        caches = base.make_caches(self.model, plans, left_padding=pads, capture=True)
+        self.model(x, cache=caches)
+        hidden = mx.stack([c.capture[0] for c in caches], axis=1).astype(mx.float32)
+        mx.eval(hidden)
+        h = np.array(hidden)  # (B, L, W, D)
+        return [h[i, :, p:] for i, p in enumerate(pads)]
+
+    # ---- generation -------------------------------------------------------------
+    def stream(self, prompt: str, steer: SteerLike = None, max_tokens: int = 100,
+               temperature: float = 0.0, seed: int | None = None, chat: bool = True,
+               top_p: float = 1.0) -> Iterator[str]:
+        """Yield the generated text piece by piece (mlx-lm's `stream_generate`)."""
+        tokens = self.encode(prompt, chat)
+        steers = as_steers(steer)
+        _check_options(max_tokens, temperature, top_p)
+        self._check(tokens, steers, max_tokens)
+        plans = base.build_plans([steers], [len(tokens)])
+        caches = base.make_caches(self.model, plans)
+        return generation.stream(self.model, self.tokenizer, tokens, caches,
+                                 max_tokens, temperature, top_p, seed)
+
+    def generate(self, prompt: str, steer: SteerLike = None, max_tokens: int = 100,
+                 temperature: float = 0.0, seed: int | None = None, chat: bool = True,
+                 top_p: float = 1.0) -> str:
+        """The generated text (prompt excluded)."""
+        return "".join(self.stream(prompt, steer, max_tokens, temperature, seed, chat, top_p))
+
+    def generate_batch(self, requests: Sequence[Request], max_tokens: int = 100,
+                       temperature: float = 0.0, seed: int | None = None,
+                       chat: bool = True, top_p: float = 1.0,
+                       progress=None) -> list[str]:
+        """Generate every (prompt, steer) row in one batched decode.
+
+        Each row equals the same request run alone with `generate` (greedy:
+        same text; sampling: each row draws from its own generator seeded
+        with `seed`, as a lone request would).
+        """
+        return [r.text for r in self.generate_batch_tokens(
+            requests, max_tokens, temperature, seed, chat, top_p, progress)]
+
+    def generate_batch_tokens(self, requests: Sequence[Request], max_tokens: int = 100,
+                              temperature: float = 0.0, seed: int | None = None,
+                              chat: bool = True, top_p: float = 1.0,
+                              progress=None) -> list[generation.RowResult]:
+        """Like `generate_batch`, returning tokens and first-step logits per row."""
+        if not requests:
+            return []
+        _check_options(max_tokens, temperature, top_p)
+        toks, rows = [], []
+        for prompt, steer in requests:
+            t = self.encode(prompt, chat)
+            s = as_steers(steer)
+            self._check(t, s, max_tokens)
+            toks.append(t)
+            rows.append(s)
+        return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
+                                temperature, top_p, seed, progress)
+
+
+def _check_options(max_tokens: int, temperature: float, top_p: float) -> None:
+    if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise InvalidArgumentError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InvalidArgumentError(f"temperature must be finite and >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")

@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct, loaded once for the whole run."""
+    import mlx_steer
+
+    return mlx_steer.load()
+
+
+@pytest.fixture(params=["mistral", "phi3"])
+def tiny(request):
+    from tiny import tiny_lab
+
+    return tiny_lab(request.param)

@@ -1,0 +1,69 @@
+"""Tiny randomly initialised mlx-lm models (real classes) and a byte-level tokenizer."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_steer import Lab
+
+SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for s in SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 additional_special_tokens=SPECIALS[2:], chat_template=CHAT)
+    return TokenizerWrapper(hf, BPEStreamingDetokenizer)
+
+
+VOCAB = 256 + len(SPECIALS)
+
+
+def tiny_model(kind: str, seed: int = 0, layers: int = 4, hidden: int = 64):
+    """A real mlx-lm model ("mistral", "phi3" or "qwen2") with tiny random weights."""
+    mx.random.seed(seed)
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  vocab_size=VOCAB, max_position_embeddings=512)
+    if kind == "mistral":
+        from mlx_lm.models import llama
+
+        model = llama.Model(llama.ModelArgs(model_type="mistral", tie_word_embeddings=False,
+                                            **common))
+    elif kind == "phi3":
+        from mlx_lm.models import phi3
+
+        model = phi3.Model(phi3.ModelArgs(model_type="phi3", **common))
+    elif kind == "qwen2":
+        from mlx_lm.models import qwen2
+
+        model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", tie_word_embeddings=True,
+                                            **common))
+    else:
+        raise ValueError(kind)
+    # Larger embeddings than the default init so logits are far from uniform.
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight * 4
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_lab(kind: str, seed: int = 0, **kw) -> Lab:
+    return Lab(tiny_model(kind, seed, **kw), tiny_tokenizer(), f"tiny-{kind}",
+               context_length=256)
+
+
+def param_names(model) -> list[str]:
+    return [k for k, _ in tree_flatten(model.parameters())]
