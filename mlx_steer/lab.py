@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +15,12 @@ from . import generation
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
 from .steer import Steer, SteerLike, as_steers, check_steers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .concept import Concept
+    from .library import Library
 
 Request = tuple[str, SteerLike]
 
@@ -200,6 +206,98 @@ class Lab:
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
                                 temperature, top_p, seed, progress)
+
+    # ---- concepts ---------------------------------------------------------------
+    @property
+    def library(self) -> "Library":
+        """This model's saved concepts (under `mlx_steer.library.home()`)."""
+        from .library import Library
+
+        return Library(self.fingerprint, self.name)
+
+    def builtins(self) -> list[str]:
+        from .library import BUILTINS
+
+        return list(BUILTINS)
+
+    def concepts(self) -> list[str]:
+        """Names usable with `concept()`: the 17 built-ins and this model's library."""
+        return sorted(set(self.builtins()) | set(self.library.names()))
+
+    def concept(self, name: str) -> "Concept":
+        """A concept by name: the library's, else a built-in (extracted once, cached)."""
+        from .errors import ConceptNotFoundError
+        from .library import validate_name
+
+        name = validate_name(name)
+        if name in self.library:
+            return self.library.load(name)
+        if name in self.builtins():
+            return self._builtin(name)
+        raise ConceptNotFoundError(
+            f"no concept {name!r} for {self.name}; available: {', '.join(self.concepts())}")
+
+    def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
+                 ) -> "Concept":
+        from .errors import CorruptFileError
+        from .library import Library, builtin_spec, spec_digest
+
+        cache = Library(self.fingerprint, self.name, sub="builtin")
+        spec = builtin_spec(name)
+        digest = spec_digest(spec)
+        if name in cache:
+            try:
+                c = cache.load(name)
+                if c.extra.get("spec_digest") == digest:
+                    return c
+            except CorruptFileError:
+                pass  # recomputed below
+        c = self.extract(name, spec["pairs"], method="mean", read="last",
+                         chat=spec.get("template") == "chat", progress=progress,
+                         category=spec.get("category", "builtin"),
+                         description=spec.get("description", ""))
+        c.extra["spec_digest"] = digest
+        c.extra["builtin"] = True
+        cache.save(c)
+        return c
+
+    def ensure_builtins(self, progress: Callable[[int, int], None] | None = None,
+                        ) -> list["Concept"]:
+        """Every built-in concept for this model (missing ones are extracted and cached).
+
+        Shows a tqdm bar unless `progress(done, total)` is given.
+        """
+        names = self.builtins()
+        bar = None
+        if progress is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(names), desc="built-in concepts", unit="concept")
+        out = []
+        for i, name in enumerate(names):
+            out.append(self._builtin(name))
+            if bar is not None:
+                bar.update(1)
+            else:
+                progress(i + 1, len(names))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def extract(self, name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
+                read: str = "last", chat: bool = False,
+                progress: Callable[[int, int], None] | None = None, **meta) -> "Concept":
+        """A concept from (positive, negative) pairs: a vector for every layer (not saved)."""
+        from .extract import extract
+
+        return extract(self, name, pairs, method, read, chat, progress, **meta)
+
+    def save_concept(self, concept: "Concept") -> "Path":
+        """Save to this model's library (atomic; refuses another model's concept)."""
+        return self.library.save(concept)
+
+    def delete_concept(self, name: str) -> None:
+        self.library.delete(name)
 
 
 def _check_options(max_tokens: int, temperature: float, top_p: float) -> None:

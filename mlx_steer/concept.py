@@ -1,0 +1,213 @@
+"""`Concept`: a steering direction for every layer of one model, with its defaults."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from .errors import (InvalidArgumentError, InvalidStrengthError, LayerOutOfRangeError,
+                     ModelMismatchError)
+from .steer import Positions, Steer
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(eq=False)
+class Concept:
+    """A direction per layer (`vectors`, (num_layers, hidden) float32) tied to its model.
+
+    `norms[l]` is the model's typical residual norm after block l (median token
+    norm, position 0 excluded): it turns relative strengths into raw ones.
+    `layer` and `strength` are the recommended defaults; `strength` is relative
+    (a fraction of the residual norm at `layer`).
+    """
+
+    name: str
+    vectors: np.ndarray
+    norms: np.ndarray
+    layer: int
+    strength: float
+    model_fingerprint: str
+    model_name: str = ""
+    method: str = "mean"
+    read: str = "last"
+    template: str = "raw"
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    category: str = "custom"
+    description: str = ""
+    created: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.norms = np.ascontiguousarray(self.norms, dtype=np.float32)
+        if self.vectors.ndim != 2 or self.norms.shape != (self.vectors.shape[0],):
+            raise InvalidArgumentError(
+                f"vectors must be (num_layers, hidden) and norms (num_layers,), got "
+                f"{self.vectors.shape} and {self.norms.shape}")
+        self.layer = int(self.layer)
+        self.strength = float(self.strength)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def vector_norm(self, layer: int) -> float:
+        return float(np.linalg.norm(self.vectors[self._layer(layer)]))
+
+    def _layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
+                0 <= layer < self.num_layers):
+            raise LayerOutOfRangeError(
+                f"layer {layer!r} is out of range: this model has {self.num_layers} "
+                f"layers (0 … {self.num_layers - 1})")
+        return int(layer)
+
+    def relative_to_raw(self, layer: int, alpha: float) -> float:
+        """Raw multiplier of `vectors[layer]` giving ‖α_rel‖ of the residual norm."""
+        n = self.vector_norm(layer)
+        return 0.0 if n == 0 else float(alpha) * float(self.norms[layer]) / n
+
+    def raw_to_relative(self, layer: int, raw: float) -> float:
+        """α_rel = ‖raw · v‖ / median ‖h‖ at `layer` (signed like `raw`)."""
+        norm = float(self.norms[self._layer(layer)])
+        return 0.0 if norm == 0 else float(raw) * self.vector_norm(layer) / norm
+
+    def steer(self, layer: int | None = None, strength: float | None = None,
+              relative: bool = True, positions: Positions = "all") -> Steer:
+        """A `Steer` at `layer` (default: recommended) and `strength`.
+
+        With `relative` (default) the strength is a fraction of the residual
+        norm at that layer (0.25 = a quarter of a typical token's norm); else
+        it multiplies the raw vector.
+        """
+        layer = self.layer if layer is None else self._layer(layer)
+        if strength is None:
+            strength, relative = self.strength, True
+        try:
+            s = float(strength)
+        except (TypeError, ValueError):
+            raise InvalidStrengthError(f"strength must be a number, got {strength!r}") from None
+        if not math.isfinite(s):
+            raise InvalidStrengthError(f"strength must be finite, got {s}")
+        raw = self.relative_to_raw(layer, s) if relative else s
+        return Steer(self.vectors[layer], layer, raw, positions, self.model_fingerprint)
+
+    def steers(self, layers: Iterable[int], strength: float | None = None,
+               relative: bool = True, positions: Positions = "all") -> list[Steer]:
+        """One `Steer` per layer, each with that layer's own vector."""
+        return [self.steer(layer, strength, relative, positions) for layer in layers]
+
+    # ---- arithmetic ---------------------------------------------------------
+    def _check_same_model(self, other: "Concept") -> None:
+        if other.model_fingerprint != self.model_fingerprint:
+            raise ModelMismatchError(
+                f"{self.name!r} and {other.name!r} were made for different models")
+
+    def _derived(self, vectors: np.ndarray, name: str, method: str) -> "Concept":
+        return replace(self, name=name, vectors=vectors, method=method, pairs=[],
+                       category="mix", created=time.time(), extra={})
+
+    def __add__(self, other: "Concept") -> "Concept":
+        self._check_same_model(other)
+        return self._derived(self.vectors + other.vectors, f"{self.name}+{other.name}", "sum")
+
+    def __sub__(self, other: "Concept") -> "Concept":
+        self._check_same_model(other)
+        return self._derived(self.vectors - other.vectors, f"{self.name}-{other.name}", "sum")
+
+    def __mul__(self, k: float) -> "Concept":
+        k = float(k)
+        if not math.isfinite(k):
+            raise InvalidStrengthError(f"cannot scale a concept by {k}")
+        return self._derived(self.vectors * np.float32(k), f"{k:g}*{self.name}", "scaled")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Concept":
+        return self * -1.0
+
+    @staticmethod
+    def mix(parts: Sequence[tuple["Concept", float]], normalize: bool = True,
+            name: str | None = None) -> "Concept":
+        """Weighted sum of concepts. With `normalize`, each layer's vector is first
+        scaled to unit norm so weights mean shares, and the result is rescaled to
+        the weighted mean of the parts' norms."""
+        if not parts:
+            raise InvalidArgumentError("a mix needs at least one concept")
+        first = parts[0][0]
+        total = np.zeros_like(first.vectors)
+        scale = np.zeros(first.num_layers, np.float32)
+        wsum = 0.0
+        for c, w in parts:
+            first._check_same_model(c)
+            w = float(w)
+            if not math.isfinite(w):
+                raise InvalidStrengthError(f"mix weight for {c.name!r} is {w}")
+            if normalize:
+                n = np.linalg.norm(c.vectors, axis=1, keepdims=True)
+                total += np.float32(w) * np.divide(c.vectors, n, out=np.zeros_like(c.vectors),
+                                                   where=n > 0)
+                scale += np.float32(abs(w)) * n[:, 0]
+                wsum += abs(w)
+            else:
+                total += np.float32(w) * c.vectors
+        if normalize and wsum > 0:
+            tn = np.linalg.norm(total, axis=1)
+            total *= np.divide(scale / wsum, tn, out=np.zeros_like(tn), where=tn > 0)[:, None]
+        label = name or "mix_" + "_".join(f"{c.name}{float(w):g}" for c, w in parts)
+        out = first._derived(total, label, "mix")
+        out.extra = {"mix": [[c.name, float(w)] for c, w in parts], "normalize": normalize}
+        out.description = " + ".join(f"{float(w):g}·{c.name}" for c, w in parts)
+        return out
+
+    # ---- files ------------------------------------------------------------------
+    def to_gguf(self, path: str | Path, layers: str | Sequence[int] = "default") -> Path:
+        """Write a llama.cpp control vector. "default": the recommended layer at the
+        recommended strength (llama.cpp then reproduces `concept.steer()` at scale 1);
+        "all": every layer's raw vector; or a list of layers (raw)."""
+        from .control_vector import write_control_vector
+
+        if isinstance(layers, str) and layers == "default":
+            directions = {self.layer: self.vectors[self.layer] * np.float32(
+                self.relative_to_raw(self.layer, self.strength))}
+        else:
+            idx = range(self.num_layers) if layers == "all" else [self._layer(i) for i in layers]
+            directions = {i: self.vectors[i] for i in idx}
+        return write_control_vector(path, directions, self.extra.get("model_hint", ""),
+                                    self.num_layers)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, lab: "Lab", name: str | None = None) -> "Concept":
+        """Read a llama.cpp / repeng control vector as a concept of `lab`'s model."""
+        from .control_vector import read_control_vector
+        from .extract import residual_norms
+
+        directions = read_control_vector(path, lab.hidden_size)
+        bad = [i for i in directions if i >= lab.num_layers]
+        if bad:
+            raise ModelMismatchError(
+                f"{Path(path).name} steers block {max(bad)} but this model has "
+                f"{lab.num_layers} blocks: it was made for another model")
+        vectors = np.zeros((lab.num_layers, lab.hidden_size), np.float32)
+        for i, v in directions.items():
+            vectors[i] = v
+        norms = residual_norms(lab)
+        rel = np.linalg.norm(vectors, axis=1) / norms
+        layer = int(np.argmax(rel))
+        return cls(name=name or Path(path).stem, vectors=vectors, norms=norms, layer=layer,
+                   strength=float(rel[layer]), model_fingerprint=lab.fingerprint,
+                   model_name=lab.name, method="gguf", category="imported",
+                   description=f"imported from {Path(path).name}")
