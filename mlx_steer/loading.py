@@ -147,10 +147,11 @@ def choose_auto() -> tuple[str | None, str]:
             reasons.append(f"{alias} needs ~{need:g} GiB, this machine has {ram:.1f}")
             continue
         repo = ALIASES[alias]
+        skipped = "".join(f"; {r}" for r in reasons)
         if is_cached(repo):
-            return alias, f"{alias} fits in {ram:.1f} GiB and is cached"
+            return alias, f"{alias} fits in {ram:.1f} GiB and is cached{skipped}"
         if is_downloadable(repo):
-            return alias, f"{alias} fits in {ram:.1f} GiB and will be downloaded"
+            return alias, f"{alias} fits in {ram:.1f} GiB and will be downloaded{skipped}"
         reasons.append(f"{alias} is neither cached nor downloadable (offline?)")
     return None, "using the embedded SmolLM2-135M: " + "; ".join(reasons)
 
