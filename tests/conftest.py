@@ -1,4 +1,5 @@
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# One concept cache for the run, so built-ins are extracted once; tests that need
+# an empty library point MLX_STEER_HOME elsewhere themselves.
+os.environ.setdefault("MLX_STEER_HOME", tempfile.mkdtemp(prefix="mlx-steer-tests-"))
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,10 @@ PAIRS = [("I feel wonderful and joyful today!", "I feel neutral today."),
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_STEER_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+def home(request, tmp_path, monkeypatch):
+    """An empty library per tiny-model test; model tests share the run's cache."""
+    if request.node.get_closest_marker("model") is None:
+        monkeypatch.setenv("MLX_STEER_HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,339 @@
+"""The Streamlit lab through `streamlit.testing.v1.AppTest`, on the embedded model.
+
+Every page renders, its main button produces output (read from `st.session_state`),
+and its charts carry the right data (the Vega-Lite spec's Arrow datasets). Few tokens
+per generation keep the whole file within a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+pytestmark = pytest.mark.model
+
+APP = Path(__file__).resolve().parents[1] / "app" / "Home.py"
+TIMEOUT = 300
+PAIRS = ("I love this sunny day, it makes me so glad! | This is a day, it is a day.\n"
+         "What a wonderful, joyful party we had! | We had a party with some people.\n"
+         "My heart is full of happiness tonight. | My schedule is full of tasks tonight.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def steer_home(tmp_path_factory):
+    """An isolated concept cache shared by the app tests (and the browser test)."""
+    home = tmp_path_factory.getbasetemp() / "mlx_steer_home"
+    home.mkdir(exist_ok=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLX_STEER_HOME", str(home))
+    mp.setenv("MLX_STEER_APP_WARMUP", "0")  # no background thread outliving a test
+    yield home
+    mp.undo()
+
+
+def open_page(page: str | None = None, **session):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for k, v in session.items():
+        at.session_state[k] = v
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+        ok(at)
+    return at
+
+
+def ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def charts(at) -> list[tuple[dict, list[pd.DataFrame]]]:
+    """(Vega-Lite spec, datasets as DataFrames) of every chart on the page."""
+    out = []
+    for el in at.get("vega_lite_chart"):
+        spec = json.loads(el.proto.spec)
+        frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
+        out.append((spec, frames))
+    return out
+
+
+def chart_with(at, *columns: str) -> pd.DataFrame:
+    """The dataset that has all `columns` (exactly one chart must match)."""
+    found = [f for _, frames in charts(at) for f in frames if set(columns) <= set(f.columns)]
+    assert len(found) == 1, f"{len(found)} datasets with {columns}"
+    return found[0]
+
+
+def lab():
+    """The app's own cached model (st.cache_resource persists across AppTests)."""
+    import sys
+
+    sys.path.insert(0, str(APP.parent))
+    import state
+
+    return state._load(None)
+
+
+# ---- Home ----------------------------------------------------------------------------
+
+
+def test_home_renders_and_the_demo_streams_baseline_and_happy():
+    at = open_page(home_max_tokens=8)
+    assert at.title[0].value.startswith("🧭")
+    assert at.sidebar.selectbox(key="model_choice").value.startswith("SmolLM2")
+    assert any("30 blocks" in c.value for c in at.sidebar.caption)
+    at.button(key="home_demo_btn").click().run()
+    ok(at)
+    demo = at.session_state["home_demo"]
+    assert demo["baseline"] and demo["steered"] and demo["baseline"] != demo["steered"]
+    m = lab()
+    assert demo["baseline"] == m.generate(demo["prompt"], max_tokens=8)
+    assert demo["steered"] == m.generate(demo["prompt"], m.concept("happy").steer(),
+                                         max_tokens=8)
+
+
+def test_unavailable_model_falls_back_with_a_reason(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = open_page()
+    at.sidebar.selectbox(key="model_choice").select("Mistral-7B-Instruct v0.2 (4-bit)").run()
+    assert not at.exception
+    if at.sidebar.error:  # not cached here: a clear message, and the embedded model
+        assert "Using the embedded model" in at.sidebar.error[0].value
+        assert any("30 blocks" in c.value for c in at.sidebar.caption)
+
+
+# ---- Learn ---------------------------------------------------------------------------
+
+
+def test_learn_charts_are_computed_from_the_model():
+    at = open_page("learn")
+    m = lab()
+    norms = chart_with(at, "layer", "norm")
+    assert list(norms["layer"]) == list(range(m.num_layers))
+    np.testing.assert_allclose(norms["norm"], at.session_state["learn_norms"])
+    assert norms["norm"].iloc[-1] > 5 * norms["norm"].iloc[0]  # the residual stream grows
+    lens_rows = chart_with(at, "layer", "rank", "token", "prob")
+    assert len(lens_rows) == m.num_layers * 5
+    last = lens_rows[(lens_rows.layer == m.num_layers - 1) & (lens_rows["rank"] == 1)]
+    assert last.token.iloc[0] == " Paris"
+    assert at.slider(key="learn_layer").max == m.num_layers - 1
+    bands = chart_with(at, "layer", "band")
+    assert len(bands) == m.num_layers
+
+
+def test_learn_embeddings_add_vs_replace_strength_baselines_quiz():
+    at = open_page("learn", learn_add_tokens=3, learn_strength_tokens=6)
+    at.button(key="learn_emb_btn").click().run()
+    ok(at)
+    emb = at.session_state["learn_emb"]
+    assert emb["embedding_identical"] and emb["activation_cosine"] < 0.99
+    assert len(chart_with(at, "layer", "cosine", "what")) == lab().num_layers + 1
+
+    at.button(key="learn_add_btn").click().run()
+    ok(at)
+    res = at.session_state["learn_add"]
+    assert res["replace"]["kl"] > res["add"]["kl"] > 0 == res["baseline"]["kl"]
+    assert set(chart_with(at, "mode", "token", "prob")["mode"]) == {"baseline", "add", "replace"}
+
+    at.button(key="learn_strength_btn").click().run()
+    ok(at)
+    rows = at.session_state["learn_strength"]
+    assert [r["alpha"] for r in rows] == [0.0, 0.1, 0.25, 0.5, 1.0]
+    assert rows[0]["text"] != rows[-1]["text"]
+    assert list(chart_with(at, "alpha", "distinct-2")["alpha"]) == [0.0, 0.1, 0.25, 0.5, 1.0]
+
+    at.button(key="learn_base_btn").click().run()
+    ok(at)
+    base = pd.DataFrame(at.session_state["learn_base"]["records"])
+    assert set(base.baseline) == {"matched", "mismatched"}
+
+    quiz = json.loads((Path(__file__).parents[1] / "mlx_steer/data/prompts.json")
+                      .read_text())["quiz"]
+    for i, q in enumerate(quiz):
+        at.radio(key=f"learn_quiz_{i}").set_value(q["options"][q["answer"]])
+    at.button[-1].click().run()  # the form's submit button
+    ok(at)
+    assert at.session_state["learn_quiz_score"] == len(quiz)
+
+
+# ---- Concept creator -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def created():
+    """A concept made and saved through the Concept creator page."""
+    at = open_page("concept_creator")
+    at.text_input(key="creator_name").set_value("test_glad")
+    at.text_area(key="creator_pairs").set_value(PAIRS).run()
+    ok(at)
+    at.button(key="creator_extract_btn").click().run()
+    ok(at)
+    return at
+
+
+def test_concept_creator_extracts_previews_and_saves(created):
+    at = created
+    c = at.session_state["creator_concept"]
+    m = lab()
+    assert c.name == "test_glad" and len(c.pairs) == 3
+    assert c.vectors.shape == (m.num_layers, m.hidden_size)
+    rel = chart_with(at, "layer", "value", "series")
+    ratio = rel[rel.series == "‖v‖ / median‖h‖"]
+    np.testing.assert_allclose(ratio["value"], np.linalg.norm(c.vectors, axis=1) / c.norms,
+                               rtol=1e-5)
+    lens_rows = chart_with(at, "direction", "token", "score")
+    assert set(lens_rows.direction) == {"promotes", "suppresses"} and len(lens_rows) == 20
+    assert "test_glad" not in m.concepts()
+    at.button(key="creator_save_btn").click().run()
+    ok(at)
+    assert at.session_state["creator_saved"]
+    assert "test_glad" in m.concepts()
+    # The new concept is offered on the other pages at once (no re-initialise click).
+    at.switch_page("app_pages/playground.py").run()
+    assert "test_glad" in at.selectbox(key="pg_concept").options
+
+
+def test_concept_creator_reports_bad_pairs():
+    at = open_page("concept_creator")
+    at.text_area(key="creator_pairs").set_value("no separator on this line").run()
+    assert not at.exception
+    assert "no '|'" in at.warning[0].value
+    assert at.button(key="creator_extract_btn").disabled
+
+
+# ---- Playground ------------------------------------------------------------------------
+
+
+def test_playground_generates_baseline_and_steered_side_by_side():
+    at = open_page("playground")
+    m = lab()
+    assert at.slider(key="pg_layer").max == m.num_layers - 1
+    assert at.slider(key="pg_layer").value == m.concept("happy").layer  # recommended
+    assert at.toggle(key="pg_relative").value  # relative strength by default
+    at.slider(key="pg_max_tokens").set_value(8)
+    at.slider(key="pg_alpha").set_value(0.6)
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["baseline"] != res["steered"]
+    summary = res["summary"]
+    assert summary["concept"] == "happy" and summary["alpha"] == pytest.approx(0.6, abs=1e-3)
+    steer = m.concept("happy").steer(summary["layer"], 0.6)
+    assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
+
+
+def test_playground_demo_button_fills_the_controls():
+    at = open_page("playground")
+    at.button(key="pg_demo_btn").click().run()
+    ok(at)
+    assert at.session_state["pg_prompt"] == "Tell me about artificial intelligence"
+    c = lab().concept("enthusiastic")
+    assert at.slider(key="pg_layer").value == c.layer
+    assert at.slider(key="pg_alpha").value == pytest.approx(c.strength, abs=0.01)
+
+
+def test_two_sessions_at_once_get_their_own_steering():
+    """Two AppTests in threads, opposite steering: each equals its run alone."""
+    def session(alpha: float, out: dict):
+        at = open_page("playground")
+        at.slider(key="pg_max_tokens").set_value(8)
+        at.slider(key="pg_alpha").set_value(alpha)
+        at.button(key="pg_generate_btn").click().run()
+        out[alpha] = (at.session_state["playground"], [e.value for e in at.exception])
+
+    out: dict = {}
+    threads = [threading.Thread(target=session, args=(a, out)) for a in (0.6, -0.6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    m = lab()
+    happy = m.concept("happy")
+    for alpha in (0.6, -0.6):
+        res, exc = out[alpha]
+        assert not exc
+        assert res["steered"] == m.generate(res["prompt"], happy.steer(happy.layer, alpha),
+                                            max_tokens=8)
+    assert out[0.6][0]["steered"] != out[-0.6][0]["steered"]
+    assert out[0.6][0]["baseline"] == out[-0.6][0]["baseline"]
+
+
+# ---- Visualizer ------------------------------------------------------------------------
+
+
+def test_visualizer_heatmaps_same_tokens_after_injection(created):
+    at = open_page("visualizer")
+    at.slider(key="viz_max_tokens").set_value(4)
+    at.button(key="viz_btn").click().run()
+    ok(at)
+    run = at.session_state["viz"]["run"]
+    layer = run.layer
+    heat = [f for _, frames in charts(at) for f in frames
+            if {"layer", "position", "token", "value"} <= set(f.columns)]
+    assert len(heat) == 3  # unsteered, steered, difference
+    diff = heat[2]
+    below = diff[diff.layer < layer]["value"]
+    assert len(below) and np.all(below == 0.0)
+    at_layer = diff[diff.layer == layer]["value"].to_numpy()
+    injected = at.session_state["viz"]["summary"]["‖injected‖"]
+    np.testing.assert_allclose(at_layer, injected, rtol=1e-3)
+    # the columns are the steered run's tokens, after the template's system part
+    shown = run.labels[run.first_shown:]
+    assert sorted(set(diff.position)) == list(range(len(shown)))
+    assert list(diff[diff.layer == layer].sort_values("position").token) == shown
+    # concept map: happy and the saved test concept at least
+    print("DEBUG", at.session_state["viz_map_ready"], [i.value for i in at.info])
+    vm = at.session_state["viz_map"]
+    assert {"happy", "test_glad"} <= set(vm["names"])
+    pts = chart_with(at, "x", "y", "name", "highlighted")
+    np.testing.assert_allclose(pts[["x", "y"]].to_numpy(), vm["points"])
+    cos = chart_with(at, "row", "col", "value")
+    assert len(cos) == len(vm["names"]) ** 2
+    assert cos[cos.row == cos.col]["value"].to_numpy() == pytest.approx(1.0)
+
+
+# ---- Library ---------------------------------------------------------------------------
+
+
+def test_library_lists_inspects_mixes_exports_and_deletes(created):
+    at = open_page("library")
+    table = pd.DataFrame(at.session_state["library_table"])
+    assert {"happy", "sad", "test_glad"} <= set(table.name)
+    assert table.set_index("name").loc["test_glad", "source"] == "library"
+
+    at.selectbox(key="lib_inspect").select("test_glad")
+    at.button(key="lib_inspect_btn").click().run()
+    ok(at)
+    recs = chart_with(at, "layer", "‖v‖ / median‖h‖")
+    assert len(recs) == lab().num_layers
+
+    at.session_state["lib_mix_table"] = pd.DataFrame(
+        {"concept": ["happy", "test_glad"], "weight": [0.5, 0.5]})
+    at.text_input(key="lib_mix_name").set_value("test_mix")
+    at.button(key="lib_mix_btn").click().run()
+    ok(at)
+    assert at.session_state["lib_mix"]["name"] == "test_mix"
+    m = lab()
+    mixed = m.concept("test_mix")
+    assert mixed.method == "mix" and mixed.layer == m.concept("happy").layer
+
+    at.selectbox(key="lib_export_concept").select("test_mix")
+    at.button(key="lib_export_btn").click().run()
+    ok(at)
+    data = at.session_state["lib_export"]["data"]
+    assert data[:4] == b"GGUF"
+
+    at.selectbox(key="lib_delete_concept").select("test_mix")
+    at.checkbox(key="lib_delete_sure").check()
+    at.button(key="lib_delete_btn").click().run()
+    ok(at)
+    assert "test_mix" not in m.concepts()
