@@ -65,9 +65,14 @@ class RowResult:
 
 def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
           rows: Sequence[Sequence[Steer]], max_tokens: int, temperature: float,
-          top_p: float, seed: int | None, progress: Callable[[int, int], None] | None = None,
+          top_p: float, seed: int | Sequence[int | None] | None,
+          progress: Callable[[int, int], None] | None = None,
           prefill_step_size: int = PREFILL_STEP) -> list[RowResult]:
-    """Decode all rows together: left-padded, each with its own steering and sampler."""
+    """Decode all rows together: left-padded, each with its own steering and sampler.
+
+    `seed` is one seed for every row (each row then draws what a lone request
+    with that seed would) or one seed per row.
+    """
     B = len(toks)
     lens = [len(t) for t in toks]
     width = max(lens)
@@ -85,7 +90,8 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
         done_upto += n
     logits = model(x[:, -1:], cache=caches)[:, -1, :]
 
-    samplers = [make_sampler(temperature, top_p, seed) for _ in range(B)]
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
+    samplers = [make_sampler(temperature, top_p, s) for s in seeds]
     eos = set(tokenizer.eos_token_ids)
     detok = [tokenizer.detokenizer for _ in range(B)]
     out: list[list[int]] = [[] for _ in range(B)]

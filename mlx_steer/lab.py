@@ -190,16 +190,21 @@ class Lab:
             requests, max_tokens, temperature, seed, chat, top_p, progress)]
 
     def generate_batch_tokens(self, requests: Sequence[Request], max_tokens: int = 100,
-                              temperature: float = 0.0, seed: int | None = None,
+                              temperature: float = 0.0,
+                              seed: int | Sequence[int | None] | None = None,
                               chat: bool = True, top_p: float = 1.0,
                               progress=None) -> list[generation.RowResult]:
-        """Like `generate_batch`, returning tokens and first-step logits per row."""
+        """Like `generate_batch`, returning tokens and first-step logits per row.
+
+        A prompt may also be a list of token ids (used as is); `seed` may be one
+        seed per row.
+        """
         if not requests:
             return []
         _check_options(max_tokens, temperature, top_p)
         toks, rows = [], []
         for prompt, steer in requests:
-            t = self.encode(prompt, chat)
+            t = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
             s = as_steers(steer)
             self._check(t, s, max_tokens)
             toks.append(t)

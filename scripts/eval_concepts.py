@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Unsteered perplexity of its own text: {base_ppl:.1f}.",
         "",
         "| concept | layer | α_rel | metric | unsteered | steered | PPL (steered, under "
-        "unsteered model) | repetition | verdict | logit lens (promotes) | example |",
+        "unsteered model) | repetition | verdict | logit lens at 0.85·L (promotes) | example |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, c in enumerate(tqdm(concepts, desc="scoring", unit="concept")):
@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         ppl = float(np.nanmean([perplexity_under_base(lab, p, r.tokens)
                                 for p, r in zip(prompts, mine)]))
         rep = float(np.mean([metrics.repetition_rate(r.text) for r in mine]))
-        top = [r["token"].strip() for r in lens.vector_lens(lab, c.vectors[c.layer], k=6)
+        # The logit lens reads late layers best (earlier ones decode to junk).
+        lens_layer = max(c.layer, round(0.85 * (lab.num_layers - 1)))
+        top = [r["token"].strip() for r in lens.vector_lens(lab, c.vectors[lens_layer], k=6)
                if r["direction"] == "promotes"][:6]
         metric = {"sentiment": "VADER", "markers": "marker rate", "length": "words"}[kind["kind"]]
         example = mine[0].text.strip().replace("\n", " ").replace("|", "/")[:90]

@@ -1,0 +1,665 @@
+"""Experiments: every variant is a row of ONE batched decode, with numbers per row.
+
+Each experiment builds :class:`Variant` rows (a prompt and its steering) and
+hands them to :func:`run`, which
+
+1. adds an unsteered baseline row for every distinct prompt that has none;
+2. generates every row in one batched decode (``lab.generate_batch_tokens``)
+   with the same seed, so rows differ only by their steering (and prompt);
+3. scores every row in batched teacher-forced passes (see :func:`run`) and
+   returns tidy records: one flat dict per row, ready for pandas / Altair.
+
+Record fields (always present; a metric that cannot be computed is ``None``):
+
+- ``row``, ``kind`` ("baseline", "compare", "layer", "strength", "mix",
+  "component", "eval"), ``is_baseline``, ``prompt``, ``concept``, ``layer``,
+  ``strength`` (relative: ‖raw·v‖ / median residual norm at the layer,
+  science.md §6), ``raw_strength`` (multiplier of the layer's raw vector),
+  ``positions``, ``text``, ``n_tokens``, ``finish_reason``, ``seed``,
+  ``temperature``;
+- ``sentiment``: VADER compound in [-1, 1];
+- ``marker_rate``: fraction of words that are the concept's marker words
+  (its JSON spec's ``markers``; a mix uses the union of its parts');
+- ``perplexity``: exp(mean NLL) of the generated tokens under the UNSTEERED
+  model, prompt as context (coherence; loops score low, hence...);
+- ``repetition_rate``: 1 − distinct-3 over words; ``distinct_2``; ``words``;
+- ``kl_divergence``: KL(p_baseline ‖ p_row) in nats of the first generated
+  token's distribution, against the baseline row of the same prompt;
+- ``projection``: mean ⟨h, v̂⟩ at the steered layer over the generated
+  positions of the row's teacher-forced trace WITH its steering (so it
+  includes the injected raw·‖v‖ at that layer; see :func:`run` for how it is
+  computed without a second pass); ``projection_baseline``: the same for
+  the baseline row of that prompt, unsteered; ``text_projection``: the row's
+  own text through the unsteered model (does the text itself carry the
+  concept, independent of the injection?);
+- ``eval_kind`` and ``concept_score``: the concept's own evaluation (spec's
+  ``eval``): direction × sentiment, marker rate, or word count × direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import mlx.core as mx
+import numpy as np
+
+from . import metrics as M
+from .concept import Concept
+from .errors import InvalidArgumentError
+from .steer import Positions, Steer
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+Record = dict[str, Any]
+Progress = Callable[[int, int], None]
+ConceptLike = Union[Concept, str]
+
+DEFAULT_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
+METRIC_BATCH = 16  # sequences per teacher-forced scoring pass
+LOGITS_BUDGET = 1 << 26  # ... and at most this many logits in one pass (256 MB float32)
+METRIC_FIELDS = ("sentiment", "marker_rate", "marker_rate_baseline", "perplexity",
+                 "repetition_rate", "distinct_2", "words", "kl_divergence", "projection",
+                 "projection_baseline", "text_projection", "concept_score",
+                 "concept_score_baseline")
+
+
+@dataclass
+class Variant:
+    """One row of an experiment: a prompt, its steering and how to label it."""
+
+    prompt: str
+    steers: list[Steer] = field(default_factory=list)
+    kind: str = "baseline"
+    concept: Concept | None = None
+    layer: int | None = None
+    strength: float = 0.0  # relative
+    raw_strength: float = 0.0
+    positions: Positions = "all"
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+    markers: list[str] | None = None  # default: the concept's markers
+
+    @property
+    def is_baseline(self) -> bool:
+        return not any(s.strength != 0.0 for s in self.steers)
+
+
+# ---- concept helpers ------------------------------------------------------------
+
+
+def resolve(lab: "Lab", concept: ConceptLike) -> Concept:
+    """A Concept object from a Concept or a name (library first, then built-ins)."""
+    if isinstance(concept, Concept):
+        return concept
+    if isinstance(concept, str):
+        return lab.concept(concept)
+    raise InvalidArgumentError(f"expected a Concept or a concept name, got {concept!r}")
+
+
+def _spec(name: str) -> dict | None:
+    from .library import BUILTINS, builtin_spec
+
+    return builtin_spec(name) if name in BUILTINS else None
+
+
+def concept_markers(concept: Concept | None) -> list[str]:
+    """Marker words of a concept: `extra["markers"]`, its built-in spec's, or a mix's parts'."""
+    if concept is None:
+        return []
+    if concept.extra.get("markers"):
+        return list(concept.extra["markers"])
+    spec = _spec(concept.name)
+    if spec is not None:
+        return list(spec.get("markers", []))
+    out: list[str] = []
+    for part, _w in concept.extra.get("mix", []):
+        spec = _spec(part)
+        for m in (spec or {}).get("markers", []):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def concept_eval(concept: Concept | None) -> dict | None:
+    """The concept's evaluation rule ({"kind": "sentiment"|"markers"|"length", ...})."""
+    if concept is None:
+        return None
+    if concept.extra.get("eval"):
+        return dict(concept.extra["eval"])
+    spec = _spec(concept.name)
+    return dict(spec["eval"]) if spec and "eval" in spec else None
+
+
+def text_metrics(text: str, markers: Sequence[str] = ()) -> dict[str, float]:
+    """Model-free metrics of one text (the same definitions every record uses)."""
+    return {
+        "sentiment": M.sentiment(text),
+        "marker_rate": M.marker_rate(text, markers) if markers else 0.0,
+        "repetition_rate": M.repetition_rate(text, 3),
+        "distinct_2": M.distinct_n(text, 2),
+        "words": len(M.words(text)),
+    }
+
+
+def concept_score(rule: dict | None, m: Mapping[str, Any]) -> float | None:
+    """Score of a row under the concept's evaluation rule (higher = more of the concept)."""
+    if not rule:
+        return None
+    kind, d = rule.get("kind"), float(rule.get("direction", 1))
+    if kind == "sentiment":
+        return d * m["sentiment"]
+    if kind == "markers":
+        return m["marker_rate"]
+    if kind == "length":
+        return d * m["words"]
+    return None
+
+
+# ---- variants -----------------------------------------------------------------------
+
+
+def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
+                    strength: float | None = None, relative: bool = True,
+                    positions: Positions = "all", kind: str = "steered",
+                    label: str = "") -> Variant:
+    """A row steering `concept` at `layer` (default: its recommended layer) with that
+    layer's own vector; `strength` relative unless `relative=False` (then raw)."""
+    layer = concept.layer if layer is None else layer
+    steer = concept.steer(layer, strength, relative, positions)
+    raw = steer.strength
+    if strength is None:
+        rel = concept.strength
+    elif relative:
+        rel = float(strength)
+    else:
+        rel = concept.raw_to_relative(steer.layer, raw)
+    return Variant(prompt, [steer], kind, concept, steer.layer, rel, raw, positions,
+                   label or f"{concept.name} L{steer.layer} α{rel:.3g}")
+
+
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    ps = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not ps:
+        raise InvalidArgumentError("give at least one prompt")
+    return ps
+
+
+def default_layers(num_layers: int, include: int | None = None) -> list[int]:
+    """Every max(1, L//8)-th block from 0, plus `include` (the recommended layer)."""
+    layers = set(range(0, num_layers, max(1, num_layers // 8)))
+    if include is not None:
+        layers.add(int(include))
+    return sorted(layers)
+
+
+# ---- the engine ------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One sequence of a teacher-forced scoring pass."""
+
+    tokens: list[int]
+    prompt_len: int
+    steers: list[Steer]
+    n_gen: int
+    nll: bool
+    probes: list[tuple[int, np.ndarray, str]] = field(default_factory=list)  # layer, unit, key
+    out: dict = field(default_factory=dict)
+
+
+def _unit(v: np.ndarray) -> np.ndarray | None:
+    n = float(np.linalg.norm(v))
+    return None if n == 0 or not math.isfinite(n) else (np.asarray(v, np.float64) / n)
+
+
+def _chunks(entries: Sequence[_Entry], batch: int, vocab: int) -> list[list[_Entry]]:
+    """Consecutive groups of at most `batch` sequences and ~LOGITS_BUDGET logits."""
+    out: list[list[_Entry]] = []
+    cur: list[_Entry] = []
+    for e in entries:
+        width = max([len(x.tokens) for x in cur] + [len(e.tokens)])
+        if cur and (len(cur) >= batch or (len(cur) + 1) * width * vocab > LOGITS_BUDGET):
+            out.append(cur)
+            cur = []
+        cur.append(e)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def score_passes(lab: "Lab", entries: Sequence[_Entry], batch: int = METRIC_BATCH,
+                 progress: Callable[[], None] | None = None) -> None:
+    """Teacher-forced forward passes, up to `batch` sequences at a time (left-padded;
+    fewer when their logits would exceed `LOGITS_BUDGET` elements).
+
+    Fills `entry.out["nll"]` (mean NLL of the last `n_gen` tokens, if asked) and
+    `entry.out[key]` (mean projection on the unit direction at a layer over the
+    last `n_gen` positions) for every probe. Only the probed layers are captured,
+    and only the targets' log-probabilities leave MLX.
+    """
+    from .models import base
+
+    vocab = int(getattr(lab.model.args, "vocab_size", 0) or 32000)
+    for chunk in _chunks(entries, batch, vocab):
+        width = max(len(e.tokens) for e in chunk)
+        pads = [width - len(e.tokens) for e in chunk]
+        x = mx.array([[0] * p + e.tokens for p, e in zip(pads, chunk)])
+        plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
+        caches = base.make_caches(lab.model, plans, left_padding=pads)
+        layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
+        for layer in layers:
+            caches[layer].capture = []
+        logits = lab.model(x, cache=caches)[:, :-1]
+        picked = mx.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
+        tgt = picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+        hidden = {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+        mx.eval(tgt, *hidden.values())
+        tgt_np = np.array(tgt)
+        hid_np = {layer: np.array(h) for layer, h in hidden.items()}
+        for b, e in enumerate(chunk):
+            n = e.n_gen
+            if e.nll:
+                e.out["nll"] = float(-tgt_np[b, width - 1 - n: width - 1].mean())
+            for layer, unit, key in e.probes:
+                h = hid_np[layer][b, width - n:].astype(np.float64)
+                e.out[key] = float((h @ unit).mean())
+        if progress:
+            progress()
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, (np.floating, float)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
+        temperature: float = 0.0, seed: int | None = 0, top_p: float = 1.0,
+        chat: bool = True, baselines: bool = True, score: bool = True,
+        markers: Sequence[str] | None = None, progress: Progress | None = None,
+        metric_batch: int = METRIC_BATCH) -> list[Record]:
+    """Generate every variant as a row of one batched decode and score each row.
+
+    Args:
+        variants: the rows; prompts may differ between rows.
+        baselines: add an unsteered row for each prompt that has no baseline row.
+        score: compute the model-based metrics (perplexity, projections); the
+            text metrics and the first-token KL cost nothing and are always there.
+        markers: marker words to count (default: each row's concept's markers).
+        progress: called as progress(done, total): decode steps, then scoring passes.
+
+    Scoring: every row's prompt + generated tokens go through the unsteered
+    model once (perplexity, text_projection), in left-padded batches of
+    `metric_batch`, capturing only the probed blocks. The steered projection
+    needs no second pass when nothing upstream of the probed block is steered
+    (the usual case): there the steered state is exactly the unsteered state
+    plus the deltas added at that block on the positions their rule covers.
+    Rows steered upstream get a steered teacher-forced pass as well.
+    """
+    variants = list(variants)
+    if not variants:
+        raise InvalidArgumentError("an experiment needs at least one row")
+    if baselines:
+        have = {v.prompt for v in variants if v.is_baseline}
+        extra: dict[str, Variant] = {}
+        for v in variants:
+            if v.prompt not in have:
+                b = extra.setdefault(v.prompt, Variant(v.prompt, kind="baseline",
+                                                       label="baseline", markers=[]))
+                b.extra.setdefault("_who", set()).add((id(v.concept), v.layer))
+                b.extra.setdefault("_concepts", []).append(v.concept)
+                for m in concept_markers(v.concept):
+                    if m not in b.markers:
+                        b.markers.append(m)
+        for b in extra.values():
+            # One concept at one layer for this prompt: the baseline is that concept at
+            # strength 0 (so it has a projection and the concept's evaluation too).
+            who, cs = b.extra.pop("_who"), b.extra.pop("_concepts")
+            if len(who) == 1 and cs[0] is not None:
+                b.concept, b.layer = cs[0], next(iter(who))[1]
+        variants = list(extra.values()) + variants
+    n_scores = 0
+    if score:
+        n_rows = len(variants) + sum(
+            not v.is_baseline and v.layer is not None
+            and any(s.layer < v.layer for s in v.steers) for v in variants)
+        n_scores = math.ceil(n_rows / metric_batch)
+    total = max_tokens + n_scores
+    done = [0]
+
+    def gen_progress(step: int, _n: int) -> None:
+        done[0] = step
+        if progress:
+            progress(step, total)
+
+    results = lab.generate_batch_tokens([(v.prompt, v.steers) for v in variants],
+                                        max_tokens=max_tokens, temperature=temperature,
+                                        seed=seed, chat=chat, top_p=top_p,
+                                        progress=gen_progress)
+    done[0] = max_tokens
+    if progress:
+        progress(done[0], total)
+
+    base_of: dict[str, int] = {}
+    for i, v in enumerate(variants):
+        if v.is_baseline and v.prompt not in base_of:
+            base_of[v.prompt] = i
+
+    records: list[Record] = []
+    for i, (v, r) in enumerate(zip(variants, results)):
+        mk = (list(markers) if markers is not None else v.markers if v.markers is not None
+              else concept_markers(v.concept))
+        tm = text_metrics(r.text, mk)
+        b = base_of.get(v.prompt)
+        btm = text_metrics(results[b].text, mk) if b is not None else None
+        kl = (M.kl_divergence(results[b].first_logprobs, r.first_logprobs)
+              if b is not None else None)
+        rec: Record = {
+            "row": i, "kind": v.kind, "is_baseline": v.is_baseline, "label": v.label,
+            "prompt": v.prompt, "concept": v.concept.name if v.concept else None,
+            "layer": v.layer, "strength": float(v.strength),
+            "raw_strength": float(v.raw_strength),
+            "positions": v.positions, "text": r.text, "n_tokens": len(r.tokens),
+            "finish_reason": r.finish_reason, "seed": seed, "temperature": temperature,
+            **tm, "kl_divergence": kl, "perplexity": None, "projection": None,
+            "projection_baseline": None, "text_projection": None,
+            "marker_rate_baseline": btm["marker_rate"] if btm else None,
+            "eval_kind": None, "concept_score": None, "concept_score_baseline": None,
+        }
+        rule = concept_eval(v.concept)
+        if rule:
+            rec["eval_kind"] = rule.get("kind")
+            rec["concept_score"] = concept_score(rule, tm)
+            if btm is not None:
+                rec["concept_score_baseline"] = concept_score(rule, btm)
+        rec.update(v.extra)
+        records.append(rec)
+
+    if score:
+        _score(lab, variants, results, records, base_of, chat, metric_batch,
+               (lambda: _tick(done, total, progress)))
+        if progress:
+            progress(total, total)
+    keys = list(dict.fromkeys(k for rec in records for k in rec))  # uniform columns
+    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+
+
+def _tick(done: list[int], total: int, progress: Progress | None) -> None:
+    done[0] += 1
+    if progress:
+        progress(min(done[0], total), total)
+
+
+def _added_projection(steers: Sequence[Steer], layer: int, unit: np.ndarray, prompt_len: int,
+                      n_gen: int) -> float:
+    """Mean over the generated positions of ⟨Σ active deltas at `layer`, unit⟩."""
+    pos = np.arange(prompt_len, prompt_len + n_gen)
+    total = np.zeros(n_gen)
+    for s in steers:
+        if s.layer != layer or s.strength == 0.0:
+            continue
+        start, end = s.window(prompt_len)
+        total += ((pos >= start) & (pos < end)) * float(s.delta.astype(np.float64) @ unit)
+    return float(total.mean())
+
+
+def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -> None:
+    unsteered: dict[int, _Entry] = {}
+    entries: list[_Entry] = []
+    prompt_toks = {p: lab.encode(p, chat) for p in {v.prompt for v in variants}}
+    for i, (v, r) in enumerate(zip(variants, results)):
+        if not r.tokens:
+            continue
+        toks = prompt_toks[v.prompt]
+        e = _Entry(toks + r.tokens, len(toks), [], len(r.tokens), nll=True)
+        unsteered[i] = e
+        entries.append(e)
+    steered: dict[int, _Entry] = {}
+    added: dict[int, float] = {}
+    for i, v in enumerate(variants):
+        if i not in unsteered:
+            continue
+        ue = unsteered[i]
+        if v.layer is not None and v.concept is not None:
+            unit = _unit(v.concept.vectors[v.layer])
+            if unit is None:
+                continue
+            key = f"p{i}"
+            ue.probes.append((v.layer, unit, "text_" + key))
+            if v.is_baseline:
+                ue.probes.append((v.layer, unit, key))
+            elif all(s.layer >= v.layer for s in v.steers):
+                # Nothing upstream of the probed block is steered, so its steered output
+                # is exactly the unsteered one plus the steers added there: no extra pass.
+                added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
+            else:
+                se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
+                            probes=[(v.layer, unit, key)])
+                steered[i] = se
+                entries.append(se)
+            b = base_of.get(v.prompt)
+            if b is not None and b in unsteered and b != i:
+                unsteered[b].probes.append((v.layer, unit, "base_" + key))
+    for e in entries:
+        lab._check(e.tokens, e.steers)
+    # Group similar lengths together: less padding per pass.
+    order = sorted(entries, key=lambda e: len(e.tokens))
+    score_passes(lab, order, metric_batch, tick)
+    for i, ue in unsteered.items():
+        rec, key = records[i], f"p{i}"
+        rec["perplexity"] = math.exp(ue.out["nll"])
+        rec["text_projection"] = ue.out.get("text_" + key)
+        if i in added:
+            rec["projection"] = ue.out["text_" + key] + added[i]
+        else:
+            rec["projection"] = steered.get(i, ue).out.get(key)
+        b = base_of.get(variants[i].prompt)
+        if b is not None and b in unsteered:
+            rec["projection_baseline"] = (unsteered[b].out.get("base_" + key)
+                                          if b != i else ue.out.get(key))
+
+
+# ---- experiments ------------------------------------------------------------------------
+
+
+def compare(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+            layer: int | None = None, strength: float | None = None, *,
+            relative: bool = True, positions: Positions = "all", **run_kw) -> list[Record]:
+    """Baseline and steered rows for each prompt, one batch (2 rows per prompt)."""
+    c = resolve(lab, concept)
+    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare")
+            for p in _prompts(prompt)]
+    return run(lab, rows, **run_kw)
+
+
+def layer_variants(prompt: str | Sequence[str], concept: Concept,
+                   layers: Sequence[int] | None = None, strength: float | None = None,
+                   relative: bool = True, positions: Positions = "all") -> list[Variant]:
+    """One row per (prompt, layer), each layer steered with THAT layer's own vector."""
+    layers = default_layers(concept.num_layers, concept.layer) if layers is None else list(layers)
+    if not layers:
+        raise InvalidArgumentError("give at least one layer")
+    return [steered_variant(p, concept, layer, strength, relative, positions, kind="layer")
+            for p in _prompts(prompt) for layer in layers]
+
+
+def layer_analysis(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+                   layers: Sequence[int] | None = None, strength: float | None = None, *,
+                   relative: bool = True, positions: Positions = "all",
+                   **run_kw) -> list[Record]:
+    """One concept over several layers (default: every L//8-th and the recommended
+    one), each with its own layer's vector, at one strength (relative by default, so
+    residual-norm growth does not confound "where" with "how hard"), plus the
+    baseline row. Records carry `stage` (the depth band of the layer)."""
+    c = resolve(lab, concept)
+    rows = layer_variants(prompt, c, layers, strength, relative, positions)
+    for v in rows:
+        v.extra["stage"] = _stage(v.layer, c.num_layers)
+        v.extra["depth"] = round(v.layer / c.num_layers, 3)
+    return run(lab, rows, **run_kw)
+
+
+def _stage(layer: int, num_layers: int) -> str:
+    f = layer / num_layers
+    return ("early" if f < 0.25 else "middle-early" if f < 0.5 else
+            "middle-late" if f < 0.75 else "late")
+
+
+def strength_variants(prompt: str | Sequence[str], concept: Concept,
+                      strengths: Sequence[float] = DEFAULT_STRENGTHS,
+                      layer: int | None = None, relative: bool = True,
+                      positions: Positions = "all") -> list[Variant]:
+    """One row per (prompt, strength); strength 0 is added first when missing."""
+    ss = [float(s) for s in strengths]
+    if not ss:
+        raise InvalidArgumentError("give at least one strength")
+    if 0.0 not in ss:
+        ss = [0.0] + ss
+    out = []
+    for p in _prompts(prompt):
+        for s in ss:
+            v = steered_variant(p, concept, layer, s, relative, positions, kind="strength")
+            if s == 0.0:
+                v.label = "baseline (strength 0)"
+            out.append(v)
+    return out
+
+
+def strength_explorer(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+                      strengths: Sequence[float] = DEFAULT_STRENGTHS,
+                      layer: int | None = None, *, relative: bool = True,
+                      positions: Positions = "all", **run_kw) -> list[Record]:
+    """One concept at one layer over a list of strengths (relative unless
+    `relative=False`), 0 included: the strength-0 row is the baseline."""
+    c = resolve(lab, concept)
+    return run(lab, strength_variants(prompt, c, strengths, layer, relative, positions),
+               **run_kw)
+
+
+def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mapping[str, float],
+                 normalize: bool = True, name: str | None = None,
+                 layer: int | None = None, strength: float | None = None) -> Concept:
+    """A weighted mix (see `Concept.mix`) with meaningful defaults: layer = the
+    heaviest part's recommended layer, strength = the |weight|-weighted mean of
+    the parts' recommended relative strengths."""
+    items = list(parts.items()) if isinstance(parts, Mapping) else list(parts)
+    if not items:
+        raise InvalidArgumentError("a mix needs at least one concept:weight")
+    resolved = [(resolve(lab, c), float(w)) for c, w in items]
+    if all(w == 0 for _, w in resolved):
+        raise InvalidArgumentError("every mix weight is 0")
+    from .library import validate_name
+
+    if name is None:  # a name the library accepts (no dots): mix-happy70-excited30
+        import re
+
+        name = "mix-" + "-".join(
+            re.sub(r"[^a-z0-9_]", "", c.name.lower()) + ("m" if w < 0 else "")
+            + str(round(abs(w) * 100)) for c, w in resolved)[:60]
+    mixed = Concept.mix(resolved, normalize=normalize, name=validate_name(name))
+    heaviest = max(resolved, key=lambda cw: abs(cw[1]))[0]
+    wsum = sum(abs(w) for _, w in resolved)
+    mixed.layer = heaviest.layer if layer is None else mixed._layer(layer)
+    mixed.strength = (sum(abs(w) * c.strength for c, w in resolved) / wsum
+                      if strength is None else float(strength))
+    markers = concept_markers(mixed)
+    if markers:
+        mixed.extra["markers"] = markers
+    return mixed
+
+
+def mix(lab: "Lab", prompt: str | Sequence[str],
+        parts: Sequence[tuple[ConceptLike, float]] | Mapping[str, float], *,
+        normalize: bool = True, layer: int | None = None, strength: float | None = None,
+        relative: bool = True, positions: Positions = "all", name: str | None = None,
+        save: bool = False, include_parts: bool = True, **run_kw
+        ) -> tuple[Concept, list[Record]]:
+    """Mix concepts, generate with the mix (and, with `include_parts`, each part
+    alone at the same layer and strength) next to the baseline; optionally save
+    the mix to the model's library. Returns (mixed concept, records)."""
+    items = list(parts.items()) if isinstance(parts, Mapping) else list(parts)
+    items = [(resolve(lab, c), w) for c, w in items]
+    mixed = mix_concepts(lab, items, normalize, name, layer,
+                         strength if relative else None)
+    layer = mixed.layer
+    # Parts alone: the same layer and strength as the mix (its default: relative).
+    part_strength, part_relative = ((strength, relative) if strength is not None
+                                    else (mixed.strength, True))
+    rows = []
+    for p in _prompts(prompt):
+        if include_parts:
+            rows += [steered_variant(p, c, layer, part_strength, part_relative, positions,
+                                     kind="component") for c, _w in items]
+        rows.append(steered_variant(p, mixed, layer, strength, relative, positions,
+                                    kind="mix"))
+    records = run(lab, rows, **run_kw)
+    if save:
+        path = lab.save_concept(mixed)
+        for r in records:
+            if r["kind"] == "mix":
+                r["saved"] = str(path)
+    return mixed, records
+
+
+def evaluate(lab: "Lab", concepts: Sequence[ConceptLike] | ConceptLike,
+             prompts: Sequence[str] | None = None, layer: int | None = None,
+             strength: float | None = None, *, relative: bool = True,
+             positions: Positions = "all", **run_kw) -> list[Record]:
+    """Each concept at its recommended (or the given) layer and strength on several
+    prompts (default: 4 neutral ones), next to shared baseline rows, in one batch.
+    Summarise with :func:`summarize`."""
+    from .extract import neutral_prompts
+
+    cs = [concepts] if isinstance(concepts, (Concept, str)) else list(concepts)
+    if not cs:
+        raise InvalidArgumentError("give at least one concept")
+    ps = list(prompts) if prompts else neutral_prompts(4)
+    rows = [steered_variant(p, resolve(lab, c), layer, strength, relative, positions,
+                            kind="eval") for c in cs for p in ps]
+    return run(lab, rows, **run_kw)
+
+
+def summarize(records: Sequence[Record],
+              by: Sequence[str] = ("kind", "concept", "layer", "strength")) -> list[Record]:
+    """Mean of every numeric metric per group (None values skipped), with `n`.
+
+    Groups of steered rows also get `<metric>_delta`: their mean minus the mean
+    of the baseline rows of the same prompts.
+    """
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    base: dict[str, Record] = {}
+    for r in records:
+        if r.get("is_baseline"):
+            base.setdefault(r["prompt"], r)
+
+    def mean(rows, f):
+        vals = [r[f] for r in rows if isinstance(r.get(f), (int, float))
+                and not isinstance(r.get(f), bool)]
+        return float(np.mean(vals)) if vals else None
+
+    out = []
+    for key, rows in groups.items():
+        s: Record = dict(zip(by, key))
+        s["n"] = len(rows)
+        for f in METRIC_FIELDS:
+            s[f] = mean(rows, f)
+        if not all(r.get("is_baseline") for r in rows):
+            brows = [base[r["prompt"]] for r in rows if r["prompt"] in base]
+            for f in ("sentiment", "perplexity", "repetition_rate"):
+                b0 = mean(brows, f)
+                s[f + "_delta"] = None if s[f] is None or b0 is None else s[f] - b0
+            for f in ("marker_rate", "projection", "concept_score"):
+                b0 = mean([{"x": r.get(f + "_baseline")} for r in rows], "x")
+                s[f + "_delta"] = None if s[f] is None or b0 is None else s[f] - b0
+        out.append(s)
+    return out
