@@ -228,3 +228,89 @@ def rate_bars(records: list[dict], x: str, y: str) -> alt.Chart:
             tooltip=[alt.Tooltip(field=_field(c), type=_kind(frame, c), title=c) for c in frame.columns],
         )
     )
+
+
+# ---- builders for the Streamlit lab (app/) -------------------------------------------
+
+
+def grouped_bars(records: list[dict], x: str, y: str, group: str, title: str | None = None) -> alt.Chart:
+    """Bars of `y` per `x`, one panel per `group` (in record order), e.g. top tokens per mode."""
+    frame = pd.DataFrame.from_records(records)
+    order = list(dict.fromkeys(frame[group])) if len(frame) else []
+    chart = (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            y=alt.Y(field=_field(x), type="nominal", sort=None, title=None,
+                    axis=alt.Axis(labelOverlap=False, labelLimit=140)),
+            x=alt.X(field=_field(y), type="quantitative", title=y),
+            color=alt.Color(field=_field(group), type="nominal", sort=order, legend=None),
+            tooltip=[alt.Tooltip(field=_field(c), type=_kind(frame, c), title=c) for c in frame.columns],
+        )
+        .properties(width=180, height=alt.Step(20))
+        .facet(column=alt.Column(field=_field(group), type="nominal", sort=order, title=None))
+        .resolve_scale(y="independent")
+    )
+    return chart.properties(title=title) if title else chart
+
+
+def depth_band_chart(bands: list[dict], layer: int | None = None) -> alt.LayerChart:
+    """The model's blocks as one horizontal strip split into depth bands (records: key,
+    title, first, last), labelled, with the selected `layer` marked by a rule."""
+    frame = pd.DataFrame.from_records(
+        [{"band": b["key"], "title": b["title"], "first": int(b["first"]),
+          "end": int(b["last"]) + 1, "blocks": f"{b['first']}–{b['last']}"} for b in bands],
+        columns=["band", "title", "first", "end", "blocks"])
+    frame["middle"] = (frame["first"] + frame["end"]) / 2
+    frame["row"] = "blocks"
+    order = [b["key"] for b in bands]
+    total = int(frame["end"].max()) if len(frame) else 1
+    x = alt.X("first:Q", title="block", scale=alt.Scale(domain=[0, total], nice=False),
+              axis=alt.Axis(tickMinStep=1))
+    y = alt.Y("row:N", axis=None)
+    strip = (
+        alt.Chart(frame)
+        .mark_bar(stroke="white", strokeWidth=2)
+        .encode(
+            x=x,
+            x2="end:Q",
+            y=y,
+            color=alt.Color("band:N", sort=order, scale=alt.Scale(scheme="tableau10"), legend=None),
+            tooltip=["band:N", "blocks:N", "title:N"],
+        )
+    )
+    labels = (
+        alt.Chart(frame)
+        .mark_text(color="white", fontSize=12, fontWeight="bold")
+        .encode(x="middle:Q", y=y, text="band:N")
+    )
+    layers = [strip, labels]
+    if layer is not None:
+        marker = pd.DataFrame({"at": [int(layer) + 0.5], "label": [f"block {int(layer)}"],
+                               "row": ["blocks"]})
+        layers.append(
+            alt.Chart(marker)
+            .mark_tick(color=_INK, thickness=4, size=40)
+            .encode(x="at:Q", y=y, tooltip=["label:N"])
+        )
+    return alt.layer(*layers).properties(height=alt.Step(40))
+
+
+def concept_map_padded(points: np.ndarray, names: Sequence[str], highlight: str | None = None,
+                       pad: float = 0.15) -> alt.LayerChart:
+    """`concept_map` with axis domains padded around the points (more on the right, where
+    the labels are), so no point or label sits on the frame."""
+    chart = concept_map(points, names, highlight)
+    pts = np.asarray(points, dtype=np.float64)
+
+    def domain(col: np.ndarray, right: float) -> list[float]:
+        low, high = float(col.min()), float(col.max())
+        span = (high - low) or 1.0
+        return [low - pad * span, high + right * span]
+
+    x = alt.Scale(domain=domain(pts[:, 0], 2 * pad + 0.15), nice=False, zero=False)
+    y = alt.Scale(domain=domain(pts[:, 1], pad), nice=False, zero=False)
+    for layer in chart.layer:
+        layer.encoding.x = alt.X("x:Q", title="PC1", scale=x)
+        layer.encoding.y = alt.Y("y:Q", title="PC2", scale=y)
+    return chart

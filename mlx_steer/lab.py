@@ -229,8 +229,10 @@ class Lab:
         """Names usable with `concept()`: the 17 built-ins and this model's library."""
         return sorted(set(self.builtins()) | set(self.library.names()))
 
-    def concept(self, name: str) -> "Concept":
-        """A concept by name: the library's, else a built-in (extracted once, cached)."""
+    def concept(self, name: str, progress: Callable[[int, int], None] | None = None
+                ) -> "Concept":
+        """A concept by name: the library's, else a built-in (extracted once, cached;
+        `progress(done, total)` reports that extraction)."""
         from .errors import ConceptNotFoundError
         from .library import validate_name
 
@@ -238,7 +240,7 @@ class Lab:
         if name in self.library:
             return self.library.load(name)
         if name in self.builtins():
-            return self._builtin(name)
+            return self._builtin(name, progress)
         raise ConceptNotFoundError(
             f"no concept {name!r} for {self.name}; available: {', '.join(self.concepts())}")
 

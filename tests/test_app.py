@@ -26,15 +26,20 @@ PAIRS = ("I love this sunny day, it makes me so glad! | This is a day, it is a d
 
 
 @pytest.fixture(scope="module", autouse=True)
-def steer_home(tmp_path_factory):
-    """An isolated concept cache shared by the app tests (and the browser test)."""
-    home = tmp_path_factory.getbasetemp() / "mlx_steer_home"
-    home.mkdir(exist_ok=True)
+def app_env():
+    """The run's concept cache (MLX_STEER_HOME, set by conftest) and no warm-up thread
+    outliving a test; the concepts the tests save are removed afterwards."""
+    import os
+
+    assert os.environ.get("MLX_STEER_HOME"), "conftest isolates the concept cache"
     mp = pytest.MonkeyPatch()
-    mp.setenv("MLX_STEER_HOME", str(home))
-    mp.setenv("MLX_STEER_APP_WARMUP", "0")  # no background thread outliving a test
-    yield home
+    mp.setenv("MLX_STEER_APP_WARMUP", "0")
+    yield
     mp.undo()
+    m = lab()
+    for name in ("test_glad", "test_mix", "test_exp_mix"):
+        if name in m.library:
+            m.delete_concept(name)
 
 
 def open_page(page: str | None = None, **session):
@@ -66,9 +71,10 @@ def charts(at) -> list[tuple[dict, list[pd.DataFrame]]]:
     return out
 
 
-def chart_with(at, *columns: str) -> pd.DataFrame:
-    """The dataset that has all `columns` (exactly one chart must match)."""
-    found = [f for _, frames in charts(at) for f in frames if set(columns) <= set(f.columns)]
+def chart_with(at, *columns: str, exact: bool = False) -> pd.DataFrame:
+    """The dataset that has all `columns` (or exactly them); exactly one must match."""
+    found = [f for _, frames in charts(at) for f in frames
+             if (set(columns) == set(f.columns) if exact else set(columns) <= set(f.columns))]
     assert len(found) == 1, f"{len(found)} datasets with {columns}"
     return found[0]
 
@@ -88,7 +94,7 @@ def lab():
 
 def test_home_renders_and_the_demo_streams_baseline_and_happy():
     at = open_page(home_max_tokens=8)
-    assert at.title[0].value.startswith("🧭")
+    assert "mlx-steer lab" in at.title[0].value
     assert at.sidebar.selectbox(key="model_choice").value.startswith("SmolLM2")
     assert any("30 blocks" in c.value for c in at.sidebar.caption)
     at.button(key="home_demo_btn").click().run()
@@ -126,8 +132,8 @@ def test_learn_charts_are_computed_from_the_model():
     last = lens_rows[(lens_rows.layer == m.num_layers - 1) & (lens_rows["rank"] == 1)]
     assert last.token.iloc[0] == " Paris"
     assert at.slider(key="learn_layer").max == m.num_layers - 1
-    bands = chart_with(at, "layer", "band")
-    assert len(bands) == m.num_layers
+    bands = chart_with(at, "band", "first", "end")
+    assert bands["first"].iloc[0] == 0 and bands["end"].iloc[-1] == m.num_layers
 
 
 def test_learn_embeddings_add_vs_replace_strength_baselines_quiz():
@@ -177,26 +183,37 @@ def created():
     ok(at)
     at.button(key="creator_extract_btn").click().run()
     ok(at)
-    return at
+    charts_before_save = {"rel": chart_with(at, "layer", "value", "series"),
+                          "lens": chart_with(at, "direction", "token", "score"),
+                          "listed": "test_glad" in lab().concepts()}
+    at.button(key="creator_save_btn").click().run()
+    ok(at)
+    return at, charts_before_save
 
 
 def test_concept_creator_extracts_previews_and_saves(created):
-    at = created
+    at, before = created
     c = at.session_state["creator_concept"]
     m = lab()
     assert c.name == "test_glad" and len(c.pairs) == 3
     assert c.vectors.shape == (m.num_layers, m.hidden_size)
-    rel = chart_with(at, "layer", "value", "series")
+    rel = before["rel"]
     ratio = rel[rel.series == "‖v‖ / median‖h‖"]
     np.testing.assert_allclose(ratio["value"], np.linalg.norm(c.vectors, axis=1) / c.norms,
                                rtol=1e-5)
-    lens_rows = chart_with(at, "direction", "token", "score")
+    lens_rows = before["lens"]
     assert set(lens_rows.direction) == {"promotes", "suppresses"} and len(lens_rows) == 20
-    assert "test_glad" not in m.concepts()
-    at.button(key="creator_save_btn").click().run()
-    ok(at)
+    assert not before["listed"]  # extracted, not saved yet
     assert at.session_state["creator_saved"]
     assert "test_glad" in m.concepts()
+    assert m.concept("test_glad").pairs == c.pairs
+    assert any("Saved “test_glad”" in s.value for s in at.success)
+    # "Try it" streams with st.write_stream and keeps the text
+    at.session_state["creator_try_tokens"] = 4
+    at.button(key="creator_try_btn").click().run()
+    ok(at)
+    assert at.session_state["creator_try"] == m.generate(
+        at.text_input(key="creator_try_prompt").value, c.steer(), max_tokens=4)
     # The new concept is offered on the other pages at once (no re-initialise click).
     at.switch_page("app_pages/playground.py").run()
     assert "test_glad" in at.selectbox(key="pg_concept").options
@@ -231,6 +248,27 @@ def test_playground_generates_baseline_and_steered_side_by_side():
     assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
 
 
+def test_playground_raw_strength_mode():
+    at = open_page("playground")
+    at.toggle(key="pg_relative").set_value(False).run()
+    ok(at)
+    m = lab()
+    happy = m.concept("happy")
+    assert at.number_input(key="pg_raw").value == pytest.approx(
+        happy.relative_to_raw(happy.layer, happy.strength), abs=0.01)
+    at.number_input(key="pg_raw").set_value(6.0)
+    at.slider(key="pg_max_tokens").set_value(8)
+    at.selectbox(key="pg_positions").select("generated")
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["summary"]["raw strength"] == 6.0
+    assert res["summary"]["alpha"] == pytest.approx(happy.raw_to_relative(happy.layer, 6.0),
+                                                     abs=1e-4)
+    steer = happy.steer(happy.layer, 6.0, relative=False, positions="generated")
+    assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
+
+
 def test_playground_demo_button_fills_the_controls():
     at = open_page("playground")
     at.button(key="pg_demo_btn").click().run()
@@ -250,12 +288,22 @@ def test_two_sessions_at_once_get_their_own_steering():
         at.button(key="pg_generate_btn").click().run()
         out[alpha] = (at.session_state["playground"], [e.value for e in at.exception])
 
+    from streamlit import config
+
     out: dict = {}
     threads = [threading.Thread(target=session, args=(a, out)) for a in (0.6, -0.6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # AppTest patches the global option "global.appTest" for each run and restores it
+    # afterwards; with two runs at once the first to finish would switch it off under
+    # the other. Holding it on for the whole test keeps both runs valid.
+    before = config.get_option("global.appTest")
+    config.set_option("global.appTest", True)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        config.set_option("global.appTest", before)
     m = lab()
     happy = m.concept("happy")
     for alpha in (0.6, -0.6):
@@ -291,7 +339,6 @@ def test_visualizer_heatmaps_same_tokens_after_injection(created):
     assert sorted(set(diff.position)) == list(range(len(shown)))
     assert list(diff[diff.layer == layer].sort_values("position").token) == shown
     # concept map: happy and the saved test concept at least
-    print("DEBUG", at.session_state["viz_map_ready"], [i.value for i in at.info])
     vm = at.session_state["viz_map"]
     assert {"happy", "test_glad"} <= set(vm["names"])
     pts = chart_with(at, "x", "y", "name", "highlighted")
@@ -333,7 +380,158 @@ def test_library_lists_inspects_mixes_exports_and_deletes(created):
     assert data[:4] == b"GGUF"
 
     at.selectbox(key="lib_delete_concept").select("test_mix")
-    at.checkbox(key="lib_delete_sure").check()
+    at.checkbox(key="lib_delete_sure").check().run()
     at.button(key="lib_delete_btn").click().run()
     ok(at)
     assert "test_mix" not in m.concepts()
+
+
+# ---- Experiments ------------------------------------------------------------------------
+
+
+def test_experiments_layer_strength_and_mix(created):
+    at = open_page("experiments")
+    at.slider(key="exp_layer_tokens").set_value(4)
+    at.multiselect(key="exp_layer_layers").set_value([6, 18])
+    at.button(key="exp_layer_btn").click().run()
+    ok(at)
+    recs = at.session_state["exp_layer"]
+    assert [r["layer"] for r in recs] == [None, 6, 18] and recs[0]["is_baseline"]
+    plotted = chart_with(at, "layer", "concept_score", "text")
+    assert list(plotted["layer"]) == [6, 18]
+    np.testing.assert_allclose(plotted["concept_score"], [r["concept_score"] for r in recs[1:]])
+
+    at.slider(key="exp_strength_tokens").set_value(4)
+    at.multiselect(key="exp_strength_values").set_value([0.0, 0.5])
+    at.button(key="exp_strength_btn").click().run()
+    ok(at)
+    recs = at.session_state["exp_strength"]
+    assert [r["strength"] for r in recs] == [0.0, 0.5]
+    assert recs[1]["kl_divergence"] > 0 == recs[0]["kl_divergence"]
+
+    at.slider(key="exp_mix_tokens").set_value(4)
+    at.text_input(key="exp_mix_spec").set_value("happy:0.5, test_glad:0.5")
+    at.text_input(key="exp_mix_name").set_value("test_exp_mix")
+    at.checkbox(key="exp_mix_save").check().run()
+    at.button(key="exp_mix_btn").click().run()
+    ok(at)
+    kinds = [r["kind"] for r in at.session_state["exp_mix"]]
+    assert kinds == ["baseline", "component", "component", "mix"]
+    assert "test_exp_mix" in lab().concepts()
+    bars = chart_with(at, "label", "concept_score", exact=True)
+    assert len(bars) == 4
+
+    at.text_input(key="exp_mix_spec").set_value("happy:0.7, friendly:0.3, sad").run()
+    assert not at.exception
+    assert any("no concept “friendly”" in w.value for w in at.warning)
+    assert any("not name:weight" in w.value for w in at.warning)
+    assert at.button(key="exp_mix_btn").disabled
+
+
+# ---- Introspection ----------------------------------------------------------------------
+
+
+def test_introspection_reports_rates_controls_and_transcripts():
+    at = open_page("introspection")
+    assert at.slider(key="intro_layer").value == round(2 / 3 * lab().num_layers)
+    at.slider(key="intro_trials").set_value(2)
+    at.slider(key="intro_controls").set_value(2)
+    at.slider(key="intro_yes_bias").set_value(1)
+    at.slider(key="intro_max_tokens").set_value(6)
+    at.button(key="intro_btn").click().run()
+    ok(at)
+    rep = at.session_state["introspection"]
+    assert (rep["trials"], rep["control_trials"]) == (2, 2)
+    assert 0.0 <= rep["detection_rate"] <= 1.0 and 0.0 <= rep["false_positive_rate"] <= 1.0
+    kinds = [t["kind"] for t in rep["transcripts"]]
+    assert kinds.count("injected") == 2 and kinds.count("control") == 2
+    assert kinds.count("yes_bias_injected") == kinds.count("yes_bias_control") == 1
+    rates = chart_with(at, "rate", "value")
+    assert rates.set_index("rate").loc["false positive", "value"] == rep["false_positive_rate"]
+    assert any(rep["verdict"] in (a.value) for a in list(at.warning) + list(at.success))
+
+
+# ---- the model lock ------------------------------------------------------------------------
+
+
+def test_stream_lock_is_released_when_a_stream_is_abandoned():
+    """A stream holds the model lock only while it runs: closing it (what Streamlit does
+    when the user navigates away and the script stops) or dropping it releases it."""
+    import gc
+    import sys
+
+    sys.path.insert(0, str(APP.parent))
+    import state
+
+    lock = state._lock()
+    m = lab()
+    gen = state.locked(lambda: m.stream("Tell me about trains.", max_tokens=50))
+    assert not lock.locked()  # nothing is taken before the stream starts
+    next(gen)
+    assert lock.locked()
+    gen.close()
+    assert not lock.locked()
+
+    gen = state.locked(lambda: m.stream("Tell me about trains.", max_tokens=50))
+    next(gen)
+    del gen
+    gc.collect()
+    assert not lock.locked()
+    with state.model_lock(timeout=1):  # and it can be taken again
+        pass
+
+
+# ---- uploads (the Concept creator's pairs, the Library's control vectors) --------------
+
+
+def _ui():
+    import sys
+
+    sys.path.insert(0, str(APP.parent))
+    import ui
+
+    return ui
+
+
+def test_pair_uploads_are_parsed_and_validated():
+    ui = _ui()
+    want = [("I am glad", "I am here"), ("What joy", "What news")]
+    as_json = json.dumps([list(p) for p in want]).encode()
+    assert ui.parse_upload("p.json", as_json) == want
+    assert ui.parse_upload("p.json", json.dumps(
+        {"pairs": [{"positive": p, "negative": n} for p, n in want]}).encode()) == want
+    assert ui.parse_upload("p.jsonl", b"\n".join(json.dumps(list(p)).encode()
+                                                  for p in want)) == want
+    assert ui.parse_upload("p.csv", b"positive,negative\nI am glad,I am here\n"
+                                    b"What joy,What news\n") == want
+    assert ui.parse_upload("p.txt", b"I am glad | I am here\n# note\nWhat joy | What news") \
+        == want
+    with pytest.raises(ValueError, match="limit"):
+        ui.parse_upload("p.txt", b"a | b\n" * (ui.MAX_PAIRS_UPLOAD // 6 + 1))
+    with pytest.raises(ValueError, match="non-empty"):
+        ui.parse_upload("p.json", b'[["only one"]]')
+    with pytest.raises(ValueError, match="no '\\|'"):
+        ui.parse_pairs("no separator")
+
+
+def test_control_vector_import_round_trip_and_refusals(tmp_path):
+    from mlx_steer.errors import CorruptFileError, VectorShapeError
+    from mlx_steer.control_vector import write_control_vector
+
+    ui, m = _ui(), lab()
+    happy = m.concept("happy")
+    path = happy.to_gguf(tmp_path / "happy.gguf", layers="all")
+    c = ui.import_control_vector(m, "happy.gguf", path.read_bytes(), "test_imported")
+    try:
+        assert "test_imported" in m.concepts()
+        np.testing.assert_allclose(c.vectors[1:], happy.vectors[1:], rtol=1e-6)
+    finally:
+        m.delete_concept("test_imported")
+    with pytest.raises(ValueError, match="limit"):
+        ui.import_control_vector(m, "big.gguf", b"\0" * (ui.MAX_GGUF + 1))
+    with pytest.raises(CorruptFileError):
+        ui.import_control_vector(m, "junk.gguf", b"not a gguf file at all")
+    other = write_control_vector(tmp_path / "other.gguf", {3: np.ones(4096, np.float32)},
+                                 "llama", 32)
+    with pytest.raises(VectorShapeError, match="another model"):
+        ui.import_control_vector(m, "other.gguf", other.read_bytes())

@@ -1,0 +1,316 @@
+"""Widgets and renderers shared by the pages (no model logic: that lives in mlx_steer)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import altair as alt
+import streamlit as st
+
+import mlx_steer
+from mlx_steer import lens
+from mlx_steer.errors import MlxSteerError
+from mlx_steer.library import Library, validate_name
+
+import state
+
+STAGE_ICONS = {"early": ":material/text_fields:", "middle-early": ":material/lightbulb:",
+               "middle-late": ":material/adjust:", "late": ":material/edit_note:"}
+ALPHA_RANGE = (-1.0, 1.5)
+RAW_LIMIT = 1000.0
+POSITIONS = {
+    "all": "every token (but position 0)",
+    "prompt": "prompt tokens only",
+    "generated": "generated tokens only",
+}
+
+
+@st.cache_data(show_spinner=False)
+def prompts_data() -> dict:
+    return json.loads(resources.files("mlx_steer").joinpath("data/prompts.json").read_text())
+
+
+# ---- text ----------------------------------------------------------------------
+
+
+_INERT = {c: f"&#{ord(c)};" for c in "&<>\"'\\`*_{}[]()#+-!|~$:="}
+
+
+def verbatim(text: str) -> str:
+    """`text` as inert HTML: HTML, Markdown and LaTeX characters as entities, newlines
+    as <br>, so st.markdown shows exactly the model's characters."""
+    return "".join(_INERT.get(c, c) for c in text).replace("\n", "<br>")
+
+
+def text_box(text: str, placeholder=None, cursor: bool = False, empty: str = "…") -> None:
+    """Model text shown verbatim (no Markdown interpretation), wrapped, in a box."""
+    body = verbatim(text) if text else f"<span style='opacity:.5'>{empty}</span>"
+    target = placeholder if placeholder is not None else st
+    target.markdown(
+        "<div class='mlx-steer-text' style='white-space:pre-wrap;border:1px solid "
+        "rgba(128,128,128,.35);border-radius:.5rem;padding:.6rem .8rem;min-height:3rem;"
+        f"font-size:.95rem'>{body}{'▌' if cursor else ''}</div>",
+        unsafe_allow_html=True)
+
+
+def show_error(e: Exception) -> None:
+    if isinstance(e, MlxSteerError):
+        st.error(str(e))
+    else:
+        st.error(f"{type(e).__name__}: {e}")
+
+
+# ---- concepts ------------------------------------------------------------------
+
+
+def concept_ready(lab: mlx_steer.Lab, name: str) -> bool:
+    """True when using `name` needs no extraction (library or cached built-in)."""
+    try:
+        return name in lab.library or name in Library(lab.fingerprint, lab.name, sub="builtin")
+    except MlxSteerError:
+        return False
+
+
+def concept_select(lab: mlx_steer.Lab, key: str, label: str = "Concept",
+                   default: str = "happy", help: str | None = None) -> str:
+    names = lab.concepts()
+    if key in st.session_state and st.session_state[key] not in names:
+        del st.session_state[key]
+    index = names.index(default) if default in names else 0
+
+    kwargs = {} if key in st.session_state else {"index": index}
+    name = st.selectbox(label, names, key=key, **kwargs,
+                        help=help or "The 17 built-in concepts and your library. Built-ins "
+                        "are extracted for this model the first time they are used.")
+    if not concept_ready(lab, name):
+        st.caption(f"“{name}” is extracted for this model on first use (a few seconds).")
+    return name
+
+
+def get_concept(lab: mlx_steer.Lab, name: str) -> mlx_steer.Concept:
+    """Load a concept; a built-in used for the first time is extracted with a status."""
+    if concept_ready(lab, name):
+        with state.model_lock():
+            return lab.concept(name)
+    with st.status(f"Extracting the built-in concept “{name}” for {lab.name} "
+                   "(first use only)…", expanded=False) as s:
+        with state.model_lock():
+            c = lab.concept(name)
+        s.update(label=f"Extracted “{name}”: recommended block {c.layer}, "
+                       f"strength α={c.strength:g}", state="complete")
+    return c
+
+
+def apply_concept_defaults(prefix: str, concept: mlx_steer.Concept) -> None:
+    """When the chosen concept changes, reset the layer and strength widgets to its
+    recommendation (before they are drawn)."""
+    marker = f"{prefix}_defaults_for"
+    which = (concept.model_fingerprint, concept.name)
+    if st.session_state.get(marker) != which:
+        st.session_state[marker] = which
+        st.session_state[f"{prefix}_layer"] = int(concept.layer)
+        st.session_state[f"{prefix}_alpha"] = float(min(max(round(concept.strength, 2),
+                                                            ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        raw = concept.relative_to_raw(concept.layer, concept.strength)
+        st.session_state[f"{prefix}_raw"] = float(min(max(round(raw, 2), -RAW_LIMIT),
+                                                      RAW_LIMIT))
+
+
+def layer_slider(lab: mlx_steer.Lab, key: str, label: str = "Layer (block)",
+                 default: int | None = None, help: str | None = None) -> int:
+    """A block slider sized from the loaded model."""
+    last = lab.num_layers - 1
+    if key in st.session_state and not 0 <= st.session_state[key] <= last:
+        del st.session_state[key]
+    value = min(default if default is not None else int(0.6 * lab.num_layers), last)
+    kwargs = {} if key in st.session_state else {"value": value}
+    layer = st.slider(label, 0, last, step=1, key=key, **kwargs,
+                      help=help or f"0 … {last}: the output of that decoder block.")
+    stage = lens.layer_stage(layer, lab.num_layers)
+    st.caption(f"{STAGE_ICONS[stage['key']]} **{stage['title']}** — block {layer} of {last} "
+               f"({stage['key']} band)")
+    return layer
+
+
+def strength_controls(concept: mlx_steer.Concept, layer: int, prefix: str) -> tuple[float, bool]:
+    """Relative strength (default) or raw multiplier; returns (value, relative)."""
+    relative = st.toggle("Relative strength α", value=True,
+                         key=f"{prefix}_relative",
+                         help="α is a fraction of the residual norm: α = ‖strength·v‖ / "
+                              "median‖h‖ at the layer. Useful band ≈ 0.1–0.5; "
+                              "near 1 the text breaks down. Raw multipliers do not transfer "
+                              "between layers or models.")
+    if relative:
+        kwargs = {} if f"{prefix}_alpha" in st.session_state else {"value": float(concept.strength)}
+        alpha = st.slider("Strength α", *ALPHA_RANGE, step=0.01, key=f"{prefix}_alpha", **kwargs)
+        raw = concept.relative_to_raw(layer, alpha)
+        st.caption(f"= raw multiplier {raw:.2f} of ‖v‖ = {concept.vector_norm(layer):.1f}; "
+                   f"median ‖h‖ at block {layer} = {float(concept.norms[layer]):.0f}. "
+                   f"Recommended: α = {concept.strength:g} at block {concept.layer}.")
+        return alpha, True
+    default_raw = concept.relative_to_raw(layer, concept.strength)
+    kwargs = {} if f"{prefix}_raw" in st.session_state else {
+        "value": float(min(max(round(default_raw, 2), -RAW_LIMIT), RAW_LIMIT))}
+    raw = st.number_input("Raw strength (multiplies v)", -RAW_LIMIT, RAW_LIMIT, step=0.5,
+                          key=f"{prefix}_raw", **kwargs)
+    st.caption(f"= α {concept.raw_to_relative(layer, raw):.3f} of the residual norm at block "
+               f"{layer}.")
+    return raw, False
+
+
+# ---- streaming ------------------------------------------------------------------
+
+
+def stream_pair(lab: mlx_steer.Lab, prompt: str, steer, slots, max_tokens: int,
+                temperature: float = 0.0, seed: int | None = 0,
+                labels: tuple[str, str] = ("", "")) -> tuple[str, str]:
+    """Stream the unsteered and steered continuations side by side, interleaved token
+    by token, with the same seed. The model lock is held inside the generator; a
+    stopped script closes it and releases the lock."""
+    texts = ["", ""]
+
+    def both() -> Iterator[tuple[int, str]]:
+        gens = [lab.stream(prompt, None, max_tokens, temperature, seed),
+                lab.stream(prompt, steer, max_tokens, temperature, seed)]
+        live = [True, True]
+        try:
+            while any(live):
+                for i, g in enumerate(gens):
+                    if live[i]:
+                        try:
+                            yield i, next(g)
+                        except StopIteration:
+                            live[i] = False
+        finally:
+            for g in gens:
+                g.close()
+
+    gen = state.locked(both)
+    try:
+        for i, piece in gen:
+            texts[i] += piece
+            text_box(texts[i], slots[i], cursor=True)
+    finally:
+        gen.close()
+    for i in (0, 1):
+        text_box(texts[i], slots[i])
+    return texts[0], texts[1]
+
+
+def stream_one(lab: mlx_steer.Lab, prompt: str, steer, max_tokens: int,
+               temperature: float = 0.0, seed: int | None = 0) -> str:
+    """Stream one continuation with st.write_stream (lock held inside the generator)."""
+    gen = state.locked(lambda: lab.stream(prompt, steer, max_tokens, temperature, seed))
+    try:
+        return st.write_stream(gen)
+    finally:
+        gen.close()
+
+
+def progress_callback(bar, text: str):
+    def cb(done: int, total: int) -> None:
+        with contextlib.suppress(Exception):
+            bar.progress(min(done / max(total, 1), 1.0), text=f"{text} ({done}/{total})")
+    return cb
+
+
+def chart(c: alt.TopLevelMixin, key: str | None = None, **kw):
+    return st.altair_chart(c, width="stretch", key=key, **kw)
+
+
+def injection_summary(concept: mlx_steer.Concept, layer: int, strength: float,
+                      relative: bool, positions: str, num_layers: int) -> dict:
+    """What was injected, in numbers (shown under the playground outputs)."""
+    raw = concept.relative_to_raw(layer, strength) if relative else strength
+    alpha = concept.raw_to_relative(layer, raw)
+    stage = lens.layer_stage(layer, num_layers)
+    return {
+        "concept": concept.name, "layer": layer, "stage": stage["title"],
+        "alpha": round(alpha, 4), "raw strength": round(raw, 4),
+        "‖injected‖": round(abs(raw) * concept.vector_norm(layer), 2),
+        "median ‖h‖ at layer": round(float(concept.norms[layer]), 2),
+        "positions": positions,
+    }
+
+
+# ---- uploads -------------------------------------------------------------------------
+
+MAX_PAIRS_UPLOAD = 1 * 2**20  # 1 MiB of pairs is thousands of pairs
+MAX_PAIRS = 512
+MAX_GGUF = 16 * 2**20  # a 32-layer × 8192-wide float32 control vector is 1 MiB
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """One pair per line: `positive | negative` (a tab also separates)."""
+    pairs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        sep = "|" if "|" in line else "\t" if "\t" in line else None
+        if sep is None:
+            raise ValueError(f"line {n} has no '|' between the positive and negative text")
+        pos, neg = (s.strip() for s in line.split(sep, 1))
+        if not pos or not neg:
+            raise ValueError(f"line {n}: both sides of the pair must be non-empty")
+        pairs.append((pos, neg))
+    return pairs
+
+
+def parse_upload(name: str, data: bytes) -> list[tuple[str, str]]:
+    """JSON (list of pairs, or {"pairs": [...]}, or objects with positive/negative),
+    JSONL, CSV/TSV with two columns, or text with `positive | negative` lines."""
+    if len(data) > MAX_PAIRS_UPLOAD:
+        raise ValueError(f"{name} is {len(data) / 2**20:.1f} MiB; the limit is 1 MiB")
+    text = data.decode("utf-8")
+    low = name.lower()
+
+    def norm(item) -> tuple[str, str]:
+        if isinstance(item, dict):
+            item = (item.get("positive"), item.get("negative"))
+        if not (isinstance(item, (list, tuple)) and len(item) == 2
+                and all(isinstance(s, str) and s.strip() for s in item)):
+            raise ValueError(f"not a pair of two non-empty texts: {str(item)[:80]}")
+        return item[0].strip(), item[1].strip()
+
+    if low.endswith(".json"):
+        obj = json.loads(text)
+        items = obj.get("pairs") if isinstance(obj, dict) else obj
+        if not isinstance(items, list):
+            raise ValueError("the JSON must be a list of pairs or an object with 'pairs'")
+        return [norm(i) for i in items]
+    if low.endswith(".jsonl"):
+        return [norm(json.loads(line)) for line in text.splitlines() if line.strip()]
+    if low.endswith((".csv", ".tsv")):
+        rows = [r for r in csv.reader(io.StringIO(text),
+                                      delimiter="\t" if low.endswith(".tsv") else ",") if r]
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["positive", "negative"]:
+            rows = rows[1:]
+        return [norm(r[:2]) for r in rows]
+    return parse_pairs(text)
+
+
+def import_control_vector(lab: mlx_steer.Lab, filename: str, data: bytes,
+                          name: str | None = None) -> mlx_steer.Concept:
+    """Validate an uploaded llama.cpp control vector and save it as a concept.
+
+    Refuses files over `MAX_GGUF`, unsafe names, corrupt files and vectors of another
+    model's size or depth (typed errors from `Concept.from_gguf`)."""
+    if len(data) > MAX_GGUF:
+        raise ValueError(f"{filename} is {len(data) / 2**20:.1f} MiB; the limit is "
+                         f"{MAX_GGUF // 2**20} MiB")
+    nm = validate_name(name or Path(filename).stem.replace(".", "_"))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "upload.gguf"
+        path.write_bytes(data)
+        with state.model_lock():
+            concept = mlx_steer.Concept.from_gguf(path, lab, name=nm)
+    lab.save_concept(concept)
+    return concept
