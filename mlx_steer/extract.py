@@ -66,7 +66,10 @@ def capture(lab: "Lab", texts: Sequence[str], read: str = "last", chat: bool = F
                 pooled.append(h[:, ok].mean(axis=1))
         if progress:
             progress(min(start + BATCH, len(texts)), len(texts))
-    norms = np.median(np.concatenate(token_norms, axis=1), axis=1)
+    every = np.concatenate(token_norms, axis=1)
+    if every.shape[1] == 0:
+        raise InvalidArgumentError("every text is a single token: no positions to measure")
+    norms = np.median(every, axis=1)
     return np.stack(pooled).astype(np.float32), norms.astype(np.float32)
 
 

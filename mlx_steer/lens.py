@@ -125,24 +125,16 @@ def _token_norm_mask(layer_hidden: np.ndarray) -> np.ndarray:
 def residual_norms(lab, texts: Sequence[str] | str, chat: bool = False) -> np.ndarray:
     """Median ‖h‖ over ordinary tokens of `texts`, per layer: float64 (num_layers,).
 
-    Position 0 (and any massive-activation position, science.md §7) is excluded.
+    Position 0 (and any massive-activation position, science.md §7) is excluded;
+    the same measure concepts use for relative strength.
     """
+    from .extract import capture
+
     if isinstance(texts, str):
         texts = [texts]
     if not texts:
         raise ValueError("residual_norms needs at least one text")
-    hs = lab.hidden_states_batch(list(texts), chat=chat)
-    out = np.zeros(lab.num_layers)
-    for layer in range(lab.num_layers):
-        norms = []
-        for h in hs:
-            keep = _token_norm_mask(h[layer])
-            norms.append(np.linalg.norm(h[layer][keep].astype(np.float64), axis=-1))
-        allv = np.concatenate(norms)
-        if allv.size == 0:
-            raise ValueError("every text is a single token: no ordinary positions to measure")
-        out[layer] = float(np.median(allv))
-    return out
+    return capture(lab, list(texts), "last", chat)[1].astype(np.float64)
 
 
 def norm_records(norms: np.ndarray, growth: bool = True) -> list[dict]:
