@@ -3,9 +3,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mlx-steer-installed
 PYTHON ?= python3
-# Fast CPU path (Linux): MLX's wheel bundles a reference BLAS; preload OpenBLAS when present.
-OPENBLAS := $(firstword $(wildcard /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3))
-RUN    := $(if $(OPENBLAS),env LD_PRELOAD=$(OPENBLAS),env)
+# Fast CPU path (Linux only, optional): MLX's wheel bundles a reference BLAS, so preload
+# Debian's OpenBLAS, a one-row sgemm->sgemv shim compiled here, and tcmalloc when present.
+# `python -m mlx_steer.fastpath` prints nothing where none of it applies (macOS, no OpenBLAS).
+PRELOAD = $(shell $(PY) -m mlx_steer.fastpath --tcmalloc 2>/dev/null)
+RUN     = $(if $(strip $(PRELOAD)),env LD_PRELOAD=$(PRELOAD),env)
 
 .PHONY: setup app test bench clean
 

@@ -8,7 +8,6 @@ per generation keep the whole file within a few minutes on two CPU cores.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -277,42 +276,6 @@ def test_playground_demo_button_fills_the_controls():
     c = lab().concept("enthusiastic")
     assert at.slider(key="pg_layer").value == c.layer
     assert at.slider(key="pg_alpha").value == pytest.approx(c.strength, abs=0.01)
-
-
-def test_two_sessions_at_once_get_their_own_steering():
-    """Two AppTests in threads, opposite steering: each equals its run alone."""
-    def session(alpha: float, out: dict):
-        at = open_page("playground")
-        at.slider(key="pg_max_tokens").set_value(8)
-        at.slider(key="pg_alpha").set_value(alpha)
-        at.button(key="pg_generate_btn").click().run()
-        out[alpha] = (at.session_state["playground"], [e.value for e in at.exception])
-
-    from streamlit import config
-
-    out: dict = {}
-    threads = [threading.Thread(target=session, args=(a, out)) for a in (0.6, -0.6)]
-    # AppTest patches the global option "global.appTest" for each run and restores it
-    # afterwards; with two runs at once the first to finish would switch it off under
-    # the other. Holding it on for the whole test keeps both runs valid.
-    before = config.get_option("global.appTest")
-    config.set_option("global.appTest", True)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        config.set_option("global.appTest", before)
-    m = lab()
-    happy = m.concept("happy")
-    for alpha in (0.6, -0.6):
-        res, exc = out[alpha]
-        assert not exc
-        assert res["steered"] == m.generate(res["prompt"], happy.steer(happy.layer, alpha),
-                                            max_tokens=8)
-    assert out[0.6][0]["steered"] != out[-0.6][0]["steered"]
-    assert out[0.6][0]["baseline"] == out[-0.6][0]["baseline"]
 
 
 # ---- Visualizer ------------------------------------------------------------------------

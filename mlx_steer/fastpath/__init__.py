@@ -1,0 +1,254 @@
+"""The optional fast CPU path for MLX on Linux: libraries to preload, and a tiny shim.
+
+MLX's Linux CPU wheel links a bundled reference BLAS, whose matrix products are
+many times slower than an optimised BLAS. Preloading Debian's OpenBLAS
+(`libopenblas0-pthread`) replaces it. A small shim compiled here at set-up
+(`sgemv_shim.c`, with the system C compiler) goes in front of it and sends
+MLX's one-row `cblas_sgemm` calls (batch-1 decoding) to `cblas_sgemv`, and
+few-row ones (batched decoding of 2-12 rows) to a kernel that streams each
+weight row once; OpenBLAS's sgemm re-packs the whole weight matrix on every call.
+tcmalloc (Debian `libtcmalloc-minimal4`) can be added: MLX allocates and frees
+many buffers per token.
+
+All of it is optional: off on macOS (Metal / Accelerate), skipped when OpenBLAS
+or a C compiler is missing, and results are the same either way (float32 sums
+in another order: greedy tokens identical, log-probabilities within ~1e-4;
+tests/test_fastpath.py).
+
+    python -m mlx_steer.fastpath              # prints the LD_PRELOAD value ('' if none)
+    python -m mlx_steer.fastpath --tcmalloc   # ... with tcmalloc when installed
+    python -m mlx_steer.fastpath --status     # what is available and what this process has
+
+Preloading must happen before the process starts (the dynamic linker reads
+LD_PRELOAD once): the Makefile runs `env LD_PRELOAD=... python ...`, and
+`reexec()` restarts the current Python process with it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("sgemv_shim.c")
+SHIM_NAME = "libmlxsteer_sgemv"
+_OPENBLAS = (
+    "/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/*-linux-gnu/openblas-openmp/libblas.so.3",
+    "/usr/lib64/libopenblas.so.0",
+)
+_TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",)
+CFLAGS = ("-O3", "-Wno-psabi", "-shared", "-fPIC")
+LIBS = ("-ldl", "-lpthread")
+DISABLE_ENV = "MLX_STEER_NO_FASTPATH"  # set to 1 to turn the whole fast path off
+
+
+def supported() -> bool:
+    """The fast path applies to Linux only (macOS uses Metal and Accelerate)."""
+    return sys.platform.startswith("linux") and not _disabled()
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0", "false", "False")
+
+
+def _first(patterns) -> Path | None:
+    for pat in patterns:
+        for hit in sorted(glob.glob(pat)):
+            if os.path.isfile(hit):
+                return Path(hit)
+    return None
+
+
+def openblas() -> Path | None:
+    """Debian/Ubuntu's OpenBLAS `libblas.so.3`, if installed."""
+    return _first(_OPENBLAS) if supported() else None
+
+
+def tcmalloc() -> Path | None:
+    """`libtcmalloc_minimal.so.4` (Debian `libtcmalloc-minimal4`), if installed."""
+    return _first(_TCMALLOC) if supported() else None
+
+
+def compiler() -> str | None:
+    """The system C compiler: $CC, else cc, gcc or clang on PATH."""
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc.split()[0]):
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def default_dest() -> Path:
+    """Where the shim is built: inside the virtual environment when writable."""
+    venv = Path(sys.prefix) / "share" / "mlx-steer"
+    try:
+        venv.mkdir(parents=True, exist_ok=True)
+        if os.access(venv, os.W_OK):
+            return venv
+    except OSError:
+        pass
+    home = os.environ.get("MLX_STEER_HOME") or os.path.expanduser("~/.cache/mlx-steer")
+    return Path(home) / "fastpath"
+
+
+def shim_path(dest: str | os.PathLike | None = None) -> Path:
+    """The path the shim has (or would have) in `dest`: named after its source's hash."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LIBS).encode()
+                            ).hexdigest()[:12]
+    machine = sysconfig.get_platform().replace("-", "_")
+    return Path(dest or default_dest()) / f"{SHIM_NAME}-{machine}-{digest}.so"
+
+
+def build(dest: str | os.PathLike | None = None, force: bool = False) -> Path | None:
+    """Compile `sgemv_shim.c` into `dest` and return the .so, or None where that fails.
+
+    None on non-Linux systems, without a C compiler, or when compilation fails;
+    never raises for those. An up-to-date build is reused unless `force`.
+    """
+    if not supported():
+        return None
+    out = shim_path(dest)
+    if out.is_file() and not force:
+        return out
+    cc = compiler()
+    if cc is None:
+        return None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [*cc.split(), *CFLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            return None
+        # Atomic: concurrent builds never see half a file. Builds of older sources are
+        # left in place: running processes may still name them in LD_PRELOAD.
+        os.replace(tmp, out)
+        return out
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def preload_libs(shim: bool = True, use_tcmalloc: bool = False,
+                 dest: str | os.PathLike | None = None) -> list[Path]:
+    """The libraries to preload, in order: [shim,] OpenBLAS [, tcmalloc]; [] if none.
+
+    The shim is only used together with OpenBLAS (it must come first so that it
+    sees MLX's `cblas_sgemm` calls, and forwards to the library after it).
+    """
+    blas = openblas()
+    if blas is None:
+        return []
+    libs = []
+    if shim:
+        so = build(dest)
+        if so is not None:
+            libs.append(so)
+    libs.append(blas)
+    if use_tcmalloc:
+        tc = tcmalloc()
+        if tc is not None:
+            libs.append(tc)
+    return libs
+
+
+def preload_env(shim: bool = True, use_tcmalloc: bool = False,
+                dest: str | os.PathLike | None = None) -> dict[str, str]:
+    """Environment to add for a child process: {"LD_PRELOAD": "shim:openblas"}, or {}.
+
+    Other libraries already in this environment's LD_PRELOAD are kept, after ours
+    (earlier shims, OpenBLAS and tcmalloc entries are replaced).
+    """
+    libs = preload_libs(shim, use_tcmalloc, dest)
+    if not libs:
+        return {}
+    ours = [str(p) for p in libs]
+    prior = os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+    kept = [p for p in prior if p and p not in ours and SHIM_NAME not in p
+            and "openblas" not in p and "tcmalloc" not in p]
+    return {"LD_PRELOAD": ":".join(ours + kept)}
+
+
+def loaded() -> dict[str, bool]:
+    """What this process has mapped: {"openblas": .., "shim": .., "tcmalloc": ..}."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    blas = openblas()
+    system_blas = blas is not None and (
+        os.path.realpath(blas) in maps or "/openblas-pthread/" in maps
+        or "/openblas-openmp/" in maps)
+    # (numpy's own bundled scipy-openblas is not it: MLX cannot use that one.)
+    return {"openblas": bool(system_blas), "shim": SHIM_NAME in maps,
+            "tcmalloc": "tcmalloc" in maps}
+
+
+def active() -> bool:
+    """True when this process runs MLX with OpenBLAS preloaded."""
+    return loaded()["openblas"]
+
+
+def reexec(shim: bool = True) -> None:
+    """Restart this Python process with the fast path preloaded, once; no-op if it
+    is already active, unavailable, or the process was started with it disabled.
+
+    Call it first thing in a script's entry point (before MLX does any work).
+    """
+    if not supported() or active() or os.environ.get("_MLX_STEER_REEXEC"):
+        return
+    env = preload_env(shim)
+    if not env:
+        return
+    env = {**os.environ, **env, "_MLX_STEER_REEXEC": "1"}
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + argv[1:], env)
+
+
+def describe() -> str:
+    """One line for humans: what the fast path uses here."""
+    if not sys.platform.startswith("linux"):
+        return "fast CPU path: not needed on this platform"
+    if _disabled():
+        return f"fast CPU path: disabled by {DISABLE_ENV}"
+    have = loaded()
+    if not have["openblas"]:
+        return ("fast CPU path: off (MLX's bundled reference BLAS; install Debian's "
+                "libopenblas0-pthread and start through `make app`)")
+    return "fast CPU path: OpenBLAS" + (" + sgemv shim" if have["shim"] else "") + (
+        " + tcmalloc" if have["tcmalloc"] else "")
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mlx_steer.fastpath",
+                                description="Print the LD_PRELOAD value for MLX's fast CPU path.")
+    p.add_argument("--no-shim", action="store_true", help="OpenBLAS only")
+    p.add_argument("--tcmalloc", action="store_true", help="also preload tcmalloc")
+    p.add_argument("--dest", help="where to build the shim")
+    p.add_argument("--status", action="store_true", help="describe what is available")
+    a = p.parse_args(argv)
+    libs = preload_libs(not a.no_shim, a.tcmalloc, a.dest)
+    if a.status:
+        print(f"platform: {sys.platform}; compiler: {compiler()}; openblas: {openblas()}; "
+              f"tcmalloc: {tcmalloc()}")
+        print("LD_PRELOAD=" + ":".join(map(str, libs)))
+        print(describe())
+        return 0
+    print(":".join(map(str, libs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

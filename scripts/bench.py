@@ -1,0 +1,632 @@
+"""mlx-steer benchmarks: where we stand, as ratios measured in one run.
+
+Workloads (issue 6); each figure is the median of --runs runs after a warm-up,
+with A/B variants interleaved run by run so that load from other processes
+hits both sides alike:
+
+  overhead    1. batch-1 decode tok/s: steered (lab) vs plain mlx-lm
+                 (`mlx_lm.stream_generate`, steering blocks uninstalled), same
+                 prompt and number of tokens (EOS banned on both sides)
+  extraction  2. the 17 built-in concepts at every layer, cold (empty cache)
+  compare     3. baseline + steered (2 rows, 50 tokens, one batch) vs one plain generation
+  sweeps      4. layer sweep (baseline + 8 layers, 30 tokens) and strength sweep
+                 (5 strengths, 30 tokens): one batch vs the same variants one by one
+  coldstart   5. process start -> model loaded -> built-ins ready -> first steered
+                 token, with a warm concept cache and an empty one (child processes)
+  bandwidth   6. batch-1 decode tok/s against the memory-bandwidth limit (bytes of
+                 weights read per token / measured read bandwidth), peak memory
+  prefill        prefill tok/s of a ~400-token prompt by chunk size (128 ... 2048)
+  preload        batch-1 decode in child processes: MLX's BLAS, OpenBLAS,
+                 OpenBLAS + sgemv shim, + tcmalloc (the fast CPU path, Linux)
+  (7. PyTorch / llama.cpp comparison: not implemented; see docs/BENCHMARKS.md)
+
+Usage (run it the way users run the lab, i.e. with the fast path preloaded):
+
+    LD_PRELOAD=$(.venv/bin/python -m mlx_steer.fastpath) .venv/bin/python scripts/bench.py
+    .venv/bin/python scripts/bench.py --only overhead,bandwidth --runs 5 --json out.json
+    .venv/bin/python scripts/bench.py --model mlx-community/... --only overhead
+
+CPU time per token (user+sys of the whole process, all threads) is reported
+next to wall-clock speed: on a shared machine it is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
+            "prefill", "preload")
+DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill")
+PROMPT = "Write a long story about a dragon who learns to bake bread."
+CONCEPT = "happy"
+
+ROWS: list[dict] = []  # the table
+
+
+def row(section: str, workload: str, ours: float | None, unit: str, *,
+        reference: float | None = None, ref_label: str = "", ratio: float | None = None,
+        target: str = "", ok: bool | None = None, note: str = "", **extra) -> dict:
+    r = {"section": section, "workload": workload, "ours": ours, "unit": unit,
+         "reference": reference, "reference_label": ref_label, "ratio": ratio,
+         "target": target, "met": ok, "note": note, **extra}
+    ROWS.append(r)
+    return r
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: bool = True
+                ) -> dict[str, list]:
+    """Run each fn once (warm-up), then `runs` rounds of all of them in turn.
+
+    A fn returns a number (its own measurement) or None (then its wall time is used).
+    """
+    if warmup:
+        for f in fns.values():
+            f()
+    out: dict[str, list] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            v = f()
+            out[k].append(time.perf_counter() - t if v is None else v)
+    return out
+
+
+# ---- shared pieces ---------------------------------------------------------------
+
+def load_lab(name):
+    import mlx_steer
+
+    return mlx_steer.load(name)
+
+
+def concept_or_none(lab):
+    try:
+        return lab.concept(CONCEPT)
+    except Exception:  # a model without concepts yet: fall back to a crude direction
+        return None
+
+
+def demo_steers(lab, layers=None, strengths=None):
+    """Steers of the 'happy' concept (built-in) or a crude contrast direction."""
+    from mlx_steer import Steer
+
+    c = concept_or_none(lab)
+    L = lab.num_layers
+    if c is not None:
+        if strengths is not None:
+            return [c.steer(c.layer, s) for s in strengths], c.layer
+        return [c.steer(layer) for layer in layers], c.layer
+    h = lab.hidden_states_batch(["I feel wonderful and joyful today!", "I feel neutral today."])
+    layer = L // 2
+
+    def vec(i):
+        v = h[0][i, -1] - h[1][i, -1]
+        return v / (float((v * v).sum()) ** 0.5 + 1e-9) * float(
+            (h[1][i, 1:] ** 2).sum(-1).mean() ** 0.5)
+
+    if strengths is not None:
+        return [Steer(vec(layer), layer, s) for s in strengths], layer
+    return [Steer(vec(i), i, 0.3) for i in layers], layer
+
+
+def decode_once(lab, steer, n: int, plain: bool = False, prompt: str = PROMPT) -> dict:
+    """One batch-1 greedy generation of exactly `n` tokens through mlx-lm's
+    `stream_generate`; returns decode tok/s, CPU ms per token and tokens."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_steer.models import base
+    from mlx_steer.steer import as_steers
+
+    toks = lab.encode(prompt, chat=True)
+    model = lab.model
+    eos = sorted(lab.tokenizer.eos_token_ids)
+    ban = mx.zeros((1, model.args.vocab_size))
+    ban[:, eos] = -mx.inf
+
+    def no_eos(tokens, logits):  # the same number of tokens whatever the steering
+        return logits + ban
+
+    if plain:
+        base.uninstall(model)
+        cache = make_prompt_cache(model)
+    else:
+        cache = base.make_caches(model, base.build_plans([as_steers(steer)], [len(toks)]))
+    try:
+        t0 = c0 = None
+        k = 0
+        for r in stream_generate(model, lab.tokenizer, mx.array(toks), max_tokens=n,
+                                 sampler=lambda lp: mx.argmax(lp, axis=-1),
+                                 logits_processors=[no_eos], prompt_cache=cache):
+            k += 1
+            if t0 is None:
+                t0, c0 = time.perf_counter(), cpu_seconds()
+        t1, c1 = time.perf_counter(), cpu_seconds()
+    finally:
+        if plain:
+            base.install(model)
+    return {"tps": (k - 1) / (t1 - t0), "cpu_ms": (c1 - c0) / (k - 1) * 1000, "tokens": k}
+
+
+def batch_decode_once(lab, rows, n: int) -> dict:
+    """Batched greedy decode of `rows` (prompt, steer): decode rows*tok/s (prefill
+    excluded, from the per-step progress callback) and CPU ms per step."""
+    marks = []
+
+    def progress(step, total):
+        marks.append((time.perf_counter(), cpu_seconds()))
+
+    lab.generate_batch_tokens(rows, max_tokens=n, progress=progress)
+    (t0, c0), (t1, c1) = marks[0], marks[-1]
+    steps = len(marks) - 1
+    return {"rows_tps": len(rows) * steps / (t1 - t0), "cpu_ms_step": (c1 - c0) / steps * 1000}
+
+
+# ---- 1. steering overhead -----------------------------------------------------
+
+def bench_overhead(lab, args) -> dict:
+    (steer,), _ = demo_steers(lab, strengths=[0.3])
+    n = args.tokens
+    res: dict[str, list[dict]] = {"plain": [], "installed": [], "steered": []}
+    fns = {
+        "plain": lambda: res["plain"].append(decode_once(lab, None, n, plain=True)),
+        "installed": lambda: res["installed"].append(decode_once(lab, None, n)),
+        "steered": lambda: res["steered"].append(decode_once(lab, steer, n)),
+    }
+    interleaved(fns, args.runs)
+    m = {k: {"tps": med([x["tps"] for x in v[1:]]), "cpu_ms": med([x["cpu_ms"] for x in v[1:]])}
+         for k, v in res.items()}  # v[0] is the warm-up
+    ratio = m["plain"]["tps"] / m["steered"]["tps"]
+    cpu_ratio = m["steered"]["cpu_ms"] / m["plain"]["cpu_ms"]
+    row("1 overhead", f"batch-1 decode, steered (layer {steer.layer}), {n} tokens",
+        m["steered"]["tps"], "tok/s", reference=m["plain"]["tps"], ref_label="plain mlx-lm",
+        ratio=ratio, target="<= 1.03x", ok=ratio <= 1.03,
+        note=f"CPU {m['steered']['cpu_ms']:.0f} vs {m['plain']['cpu_ms']:.0f} ms/token "
+             f"({cpu_ratio:.3f}x)", cpu_ms=m["steered"]["cpu_ms"],
+        cpu_ms_plain=m["plain"]["cpu_ms"], cpu_ratio=cpu_ratio)
+    row("1 overhead", "batch-1 decode, blocks installed, no steering",
+        m["installed"]["tps"], "tok/s", reference=m["plain"]["tps"], ref_label="plain mlx-lm",
+        ratio=m["plain"]["tps"] / m["installed"]["tps"], target="<= 1.03x",
+        ok=m["plain"]["tps"] / m["installed"]["tps"] <= 1.03,
+        note=f"CPU {m['installed']['cpu_ms']:.0f} ms/token", cpu_ms=m["installed"]["cpu_ms"])
+    return m
+
+
+# ---- 2. extraction ------------------------------------------------------------
+
+def bench_extraction(lab, args) -> None:
+    """All 17 built-in concepts at every layer, from an empty concept cache."""
+    import mlx_steer
+
+    if not hasattr(mlx_steer.Lab, "ensure_builtins"):  # placeholder until concepts land
+        row("2 extraction", "17 built-ins, every layer, cold", None, "s",
+            note="not available: this version has no Lab.ensure_builtins")
+        return
+    old = os.environ.get("MLX_STEER_HOME")
+    times = []
+    try:
+        for i in range(max(1, args.extraction_runs)):
+            with tempfile.TemporaryDirectory(prefix="mlx-steer-bench-") as home:
+                os.environ["MLX_STEER_HOME"] = home
+                fresh = mlx_steer.Lab(lab.model, lab.tokenizer, lab.name, lab.context_length)
+                t = time.perf_counter()
+                cs = fresh.ensure_builtins(progress=lambda done, total: None)
+                times.append(time.perf_counter() - t)
+    finally:
+        if old is None:
+            os.environ.pop("MLX_STEER_HOME", None)
+        else:
+            os.environ["MLX_STEER_HOME"] = old
+    row("2 extraction", f"{len(cs)} built-ins x {lab.num_layers} layers, cold (incl. "
+        "strength calibration)", med(times), "s",
+        note=f"{med(times) / len(cs):.2f} s per concept; runs: "
+             + ", ".join(f"{t:.1f}" for t in times))
+
+
+# ---- 3. compare ------------------------------------------------------------------
+
+def bench_compare(lab, args) -> None:
+    (steer,), _ = demo_steers(lab, strengths=[0.3])
+    n = 50
+    out = {}
+
+    def batched():
+        out["b"] = lab.generate_batch_tokens([(PROMPT, None), (PROMPT, steer)], max_tokens=n)
+
+    def one():
+        out["o"] = lab.generate(PROMPT, None, max_tokens=n)
+
+    t = interleaved({"batched": batched, "one": one}, args.runs)
+    b, o = med(t["batched"]), med(t["one"])
+    toks = [len(r.tokens) for r in out["b"]]
+    same = out["b"][0].text == out["o"]
+    row("3 compare", f"baseline + steered, {n} tokens, one batch", b, "s", reference=o,
+        ref_label="one plain generation", ratio=b / o, target="(vs original: <= 0.6x)",
+        note=f"rows {toks} tokens; baseline row == lone generation: {same}; "
+             f"vs two generations {b / (2 * o):.2f}x")
+
+
+# ---- 4. sweeps ---------------------------------------------------------------------
+
+def bench_sweeps(lab, args) -> None:
+    L = lab.num_layers
+    layers = sorted({round(x) for x in [2 + i * (L - 5) / 7 for i in range(8)]})
+    lsteers, _ = demo_steers(lab, layers=layers)
+    ssteers, slayer = demo_steers(lab, strengths=[0.1, 0.2, 0.3, 0.4, 0.5])
+    n = 30
+    for name, steers, target in (
+            (f"layer sweep: baseline + {len(lsteers)} layers", [None] + lsteers, "(vs original: <= 0.25x)"),
+            (f"strength sweep: 5 strengths at layer {slayer}", ssteers, "(vs original: <= 0.3x)")):
+        rows = [(PROMPT, s) for s in steers]
+        out = {}
+
+        def batched(rows=rows):
+            out["b"] = [r.text for r in lab.generate_batch_tokens(rows, max_tokens=n)]
+
+        def alone(rows=rows):
+            out["a"] = [lab.generate(p, s, max_tokens=n) for p, s in rows]
+
+        t = interleaved({"batched": batched, "alone": alone}, args.runs)
+        b, a = med(t["batched"]), med(t["alone"])
+        row("4 sweeps", f"{name}, {n} tokens, one batch", b, "s", reference=a,
+            ref_label="same variants one by one", ratio=b / a, target=target,
+            note=f"{len(rows)} rows: {len(rows) * n / b:.1f} rows*tok/s batched vs "
+                 f"{len(rows) * n / a:.1f}; rows == one by one: {out['b'] == out['a']}")
+
+
+# ---- 5. cold start ----------------------------------------------------------------
+
+COLD_CHILD = textwrap.dedent("""
+    import json, sys, time
+    t = {"python_up": time.time()}
+    import mlx_steer
+    t["imported"] = time.time()
+    lab = mlx_steer.load(sys.argv[1] or None)
+    t["loaded"] = time.time()
+    if hasattr(lab, "ensure_builtins"):
+        lab.ensure_builtins(progress=lambda d, n: None)
+        steer = lab.concept("happy").steer()
+    else:
+        import numpy as np
+        steer = mlx_steer.Steer(np.ones(lab.hidden_size, np.float32), lab.num_layers // 2, 0.5)
+    t["builtins"] = time.time()
+    next(iter(lab.stream("Tell me about your weekend.", steer, max_tokens=4)))
+    t["first_token"] = time.time()
+    print("BENCH " + json.dumps(t))
+""")
+
+
+def cold_start_once(model: str | None, home: str) -> dict:
+    env = {**os.environ, "MLX_STEER_HOME": home, "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", COLD_CHILD, model or ""], env=env,
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"cold-start child failed: {p.stderr[-2000:]}")
+    line = next(x for x in p.stdout.splitlines() if x.startswith("BENCH "))
+    return {k: v - t0 for k, v in json.loads(line[6:]).items()}
+
+
+def bench_coldstart(lab, args) -> None:
+    warm_home = tempfile.mkdtemp(prefix="mlx-steer-bench-warm-")
+    cold_start_once(args.model, warm_home)  # fills the warm cache (and the OS file cache)
+    res = {"warm": [], "empty": []}
+    for i in range(args.runs):
+        res["warm"].append(cold_start_once(args.model, warm_home))
+        if i < args.cold_empty_runs:  # each extracts every built-in: minutes
+            with tempfile.TemporaryDirectory(prefix="mlx-steer-bench-empty-") as h:
+                res["empty"].append(cold_start_once(args.model, h))
+    for kind, rs in res.items():
+        if not rs:
+            continue
+        m = {k: med([r[k] for r in rs]) for k in rs[0]}
+        target = "<= 3 s" if kind == "warm" else ""
+        row("5 cold start", f"process start -> first steered token, {kind} concept cache",
+            m["first_token"], "s", target=target,
+            ok=(m["first_token"] <= 3.0) if kind == "warm" else None,
+            note=f"python up {m['python_up']:.2f}, import {m['imported']:.2f}, "
+                 f"loaded {m['loaded']:.2f}, built-ins {m['builtins']:.2f}, "
+                 f"first token {m['first_token']:.2f} s", stages=m)
+
+
+# ---- 6. bandwidth -------------------------------------------------------------------
+
+def read_bandwidth(gib: float = 1.0) -> dict:
+    """Read bandwidth (GB/s) of a numpy sum over a large float32 array: 1 and all threads."""
+    import numpy as np
+
+    a = np.ones(int(gib * 2**30) // 4, np.float32)
+    a.sum()
+
+    def best(fn, k=3):
+        out = []
+        for _ in range(k):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return min(out)
+
+    one = a.nbytes / best(lambda: a.sum()) / 1e9
+    n = os.cpu_count() or 1
+    parts = np.array_split(a, n)
+
+    def par():
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+
+    allt = a.nbytes / best(par) / 1e9
+    del a
+    return {"one_thread": one, "all_threads": allt, "threads": n}
+
+
+def weight_bytes_per_token(lab) -> int:
+    """Bytes of parameters read for one decoded token (embedding: one row, unless tied)."""
+    from mlx.utils import tree_flatten
+
+    total = sum(v.nbytes for _, v in tree_flatten(lab.model.parameters()))
+    tied = getattr(lab.model.args, "tie_word_embeddings", False)
+    if not tied:
+        emb = sum(v.nbytes for k, v in tree_flatten(lab.model.parameters())
+                  if k.startswith("model.embed_tokens."))
+        total -= emb
+    return total
+
+
+def bench_bandwidth(lab, args, decode: dict | None = None) -> None:
+    import mlx.core as mx
+
+    if decode is None:
+        rs = [decode_once(lab, None, args.tokens, plain=True) for _ in range(args.runs + 1)][1:]
+        decode = {"plain": {"tps": med([r["tps"] for r in rs]),
+                            "cpu_ms": med([r["cpu_ms"] for r in rs])}}
+    bw = read_bandwidth()
+    per_tok = weight_bytes_per_token(lab)
+    best_bw = max(bw["one_thread"], bw["all_threads"])
+    limit = best_bw * 1e9 / per_tok
+    tps = decode["plain"]["tps"]
+    row("6 bandwidth", "batch-1 decode vs memory-bandwidth limit", tps, "tok/s",
+        reference=limit, ref_label=f"{per_tok / 1e6:.0f} MB/token at {best_bw:.1f} GB/s",
+        ratio=tps / limit, target=">= 0.50", ok=tps / limit >= 0.5,
+        note=f"read bandwidth {bw['one_thread']:.1f} GB/s (1 thread), "
+             f"{bw['all_threads']:.1f} GB/s ({bw['threads']} threads); CPU "
+             f"{decode['plain']['cpu_ms']:.0f} ms/token = "
+             f"{per_tok / 1e6 / decode['plain']['cpu_ms']:.1f} GB/s per busy core",
+        bandwidth=bw, bytes_per_token=per_tok)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    row("6 bandwidth", "peak memory", mx.get_peak_memory() / 2**20, "MiB (MLX)",
+        note=f"process peak RSS {rss:.0f} MiB (all workloads so far)", rss_mib=rss)
+
+
+# ---- prefill chunk sizes --------------------------------------------------------------
+
+def bench_prefill(lab, args) -> None:
+    import mlx.core as mx
+    from mlx_steer.models import base
+
+    text = " ".join(["The history of bread baking spans thousands of years, from flatbreads "
+                     "in ancient Egypt to sourdough in medieval Europe."] * 24)
+    toks = lab.encode(text)[:400]
+    x = mx.array(toks)[None]
+
+    def prefill(step):
+        def f():
+            caches = base.make_caches(lab.model)
+            done = 0
+            while done < len(toks):
+                n = min(step, len(toks) - done)
+                out = lab.model(x[:, done:done + n], cache=caches)
+                mx.eval([c.state for c in caches] + [out])
+                done += n
+        return f
+
+    steps = (128, 256, 512, 2048)
+    t = interleaved({s: prefill(s) for s in steps}, args.runs)
+    best = min(steps, key=lambda s: med(t[s]))
+    for s in steps:
+        row("prefill", f"{len(toks)}-token prompt, chunks of {s}", len(toks) / med(t[s]),
+            "tok/s", reference=len(toks) / med(t[2048]), ref_label="chunks of 2048 (mlx-lm)",
+            ratio=med(t[2048]) / med(t[s]), note="fastest" if s == best else "")
+
+
+# ---- the fast path: preloads in child processes ------------------------------------------
+
+PRELOAD_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import bench
+    lab = bench.load_lab(sys.argv[2] or None)
+    n, runs = int(sys.argv[3]), int(sys.argv[4])
+    rs = [bench.decode_once(lab, None, n, plain=False) for _ in range(runs + 1)][1:]
+    batches = {}
+    if sys.argv[5] == "1":
+        steers = bench.demo_steers(lab, layers=range(2, lab.num_layers - 3, 3))[0]
+        for B in (2, 9):
+            rows = [(bench.PROMPT, s) for s in ([None] + steers)[:B]]
+            batches[B] = [bench.batch_decode_once(lab, rows, 24) for _ in range(runs + 1)][1:]
+    from mlx_steer import fastpath
+    print("BENCH " + json.dumps({"runs": rs, "batches": batches, "loaded": fastpath.loaded()}))
+""")
+
+
+def bench_preload(lab, args) -> None:
+    from mlx_steer import fastpath
+
+    if not sys.platform.startswith("linux"):
+        row("preload", "fast CPU path", None, "tok/s", note="Linux only")
+        return
+    ob, tc = fastpath.openblas(), fastpath.tcmalloc()
+    shim = fastpath.build()
+    # (libraries, extra environment, also time batched decode)
+    cfgs = {"MLX bundled BLAS": ([], {}, False)}
+    if ob:
+        cfgs["OpenBLAS"] = ([ob], {}, True)
+        if shim:
+            cfgs["OpenBLAS + shim, few-row kernel off"] = (
+                [shim, ob], {"MLX_STEER_SHIM_SMALLM": "0"}, True)
+            cfgs["OpenBLAS + shim"] = ([shim, ob], {}, True)
+            if tc:
+                cfgs["OpenBLAS + shim + tcmalloc"] = ([shim, ob, tc], {}, True)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("LD_PRELOAD", "MLX_STEER_SHIM_SMALLM")}
+    res: dict[str, list] = {k: [] for k in cfgs}
+    bres: dict[str, dict] = {k: {} for k in cfgs}
+    for _ in range(args.preload_rounds):  # rounds interleave the configurations
+        for name, (libs, extra, batched) in cfgs.items():
+            env = {**base_env, **extra}
+            if libs:
+                env["LD_PRELOAD"] = ":".join(map(str, libs))
+            p = subprocess.run([sys.executable, "-c", PRELOAD_CHILD, str(Path(__file__).parent),
+                                args.model or "", str(args.tokens), str(args.runs),
+                                "1" if batched else "0"],
+                               env=env, capture_output=True, text=True, timeout=3600)
+            if p.returncode != 0:
+                raise RuntimeError(f"{name}: {p.stderr[-2000:]}")
+            line = next(x for x in p.stdout.splitlines() if x.startswith("BENCH "))
+            got = json.loads(line[6:])
+            res[name] += got["runs"]
+            for B, rs in got["batches"].items():
+                bres[name].setdefault(B, []).extend(rs)
+    ref = med([r["tps"] for r in res["MLX bundled BLAS"]])
+    for name, rs in res.items():
+        tps, cpu = med([r["tps"] for r in rs]), med([r["cpu_ms"] for r in rs])
+        row("preload", f"batch-1 decode, {name}", tps, "tok/s", reference=ref,
+            ref_label="MLX bundled BLAS", ratio=tps / ref,
+            note=f"CPU {cpu:.0f} ms/token; best run {max(r['tps'] for r in rs):.1f} tok/s",
+            cpu_ms=cpu, runs=rs)
+    for B in ("2", "9"):
+        if B not in bres.get("OpenBLAS", {}):
+            continue
+        bref = med([r["rows_tps"] for r in bres["OpenBLAS"][B]])
+        for name, per in bres.items():
+            if B not in per:
+                continue
+            rs = per[B]
+            tps = med([r["rows_tps"] for r in rs])
+            row("preload", f"{B}-row batched decode, {name}", tps, "rows*tok/s",
+                reference=bref, ref_label="OpenBLAS", ratio=tps / bref,
+                note=f"CPU {med([r['cpu_ms_step'] for r in rs]):.0f} ms/step", runs=rs)
+
+
+# ---- report -----------------------------------------------------------------------------
+
+def fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(meta: dict) -> str:
+    lines = [f"mlx-steer benchmarks — {meta['model']} on {meta['cpu']} "
+             f"({meta['cores']} cores), {meta['fastpath']}; median of {meta['runs']} runs "
+             f"after a warm-up; load average {meta['load_before']:.1f} -> {meta['load_after']:.1f}",
+             "",
+             "| # | workload | ours | unit | reference | ratio | target | met | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        ref = "" if r["reference"] is None else f"{fmt(r['reference'])} ({r['reference_label']})"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['section']} | {r['workload']} | {fmt(r['ours'])} | {r['unit']} | "
+                     f"{ref} | {ratio} | {r['target']} | {met} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model name (default: embedded SmolLM2)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the results as JSON to PATH (or stdout; the table then "
+                         "goes to stderr)")
+    ap.add_argument("--only", default=",".join(DEFAULT),
+                    help=f"comma-separated sections: {', '.join(SECTIONS)} or 'all'")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per batch-1 decode")
+    ap.add_argument("--extraction-runs", type=int, default=1,
+                    help="cold extraction runs (each takes a while)")
+    ap.add_argument("--cold-empty-runs", type=int, default=1,
+                    help="cold starts with an empty concept cache (each extracts all "
+                         "built-ins; 0 to skip)")
+    ap.add_argument("--preload-rounds", type=int, default=2,
+                    help="rounds over the preload configurations")
+    args = ap.parse_args(argv)
+    only = SECTIONS if args.only == "all" else tuple(s.strip() for s in args.only.split(","))
+    bad = set(only) - set(SECTIONS)
+    if bad:
+        ap.error(f"unknown sections: {', '.join(sorted(bad))}")
+
+    import mlx.core as mx
+    from mlx_steer import fastpath
+
+    load_before = os.getloadavg()[0]
+    t = time.perf_counter()
+    lab = load_lab(args.model)
+    meta = {**machine(), "model": lab.name, "runs": args.runs, "mlx": mx.__version__,
+            "fastpath": fastpath.describe(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "load_seconds": time.perf_counter() - t, "load_before": load_before,
+            "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    if "extraction" in only or "compare" in only or "sweeps" in only or "overhead" in only:
+        concept_or_none(lab)  # built-in 'happy' extracted before any timing
+    decode = None
+    for s in only:
+        t = time.perf_counter()
+        if s == "overhead":
+            decode = bench_overhead(lab, args)
+        elif s == "bandwidth":
+            bench_bandwidth(lab, args, decode)
+        else:
+            globals()[f"bench_{s}"](lab, args)
+        print(f"[{s}: {time.perf_counter() - t:.0f} s, load {os.getloadavg()[0]:.1f}]",
+              file=sys.stderr, flush=True)
+    meta["load_after"] = os.getloadavg()[0]
+    table = markdown(meta)
+    if args.json == "-":
+        print(table, file=sys.stderr)
+        print(json.dumps({"meta": meta, "rows": ROWS}, indent=2, default=str))
+    else:
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=2,
+                                                  default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The fast CPU path (OpenBLAS preloaded + the sgemv shim) never changes results.
+
+The comparison runs the same script in two child processes, one with MLX's own
+BLAS and one with the fast path preloaded (LD_PRELOAD is read only at process
+start), and compares greedy tokens (identical) and log-probabilities (within
+float32 summation-order tolerance), plain, steered and batched. Skipped where
+the fast path is unavailable (macOS, no OpenBLAS, no C compiler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mlx_steer import fastpath
+
+ATOL = 1e-3  # log-probabilities after 30 float32 blocks summed in another order (seen: 1e-4)
+
+CHILD = textwrap.dedent(r'''
+    import ctypes, json, sys
+    import numpy as np
+    import mlx.core as mx
+    import mlx_steer
+    from mlx_steer import Steer, fastpath
+    from mlx_steer.models import base
+    from mlx_steer.steer import as_steers
+    from mlx_lm.generate import generate_step
+
+    out = sys.argv[1]
+    info = {"loaded": fastpath.loaded()}
+    arrays = {}
+
+    # 1. MLX matmuls of the shapes the shim rewrites, against float64 numpy.
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((40, 24)).astype(np.float32)
+    x = rng.standard_normal((1, 24)).astype(np.float32)
+    y = rng.standard_normal((1, 40)).astype(np.float32)
+    mW, mx_, my = mx.array(W), mx.array(x), mx.array(y)
+    cases = {
+        "x@W.T": (mx_ @ mW.T, x @ W.T.astype(np.float64)),
+        "y@W": (my @ mW, y @ W.astype(np.float64)),
+        "W@x.T": (mW @ mx_.T, W.astype(np.float64) @ x.T),
+        "W.T@y.T": (mW.T @ my.T, W.T.astype(np.float64) @ y.T),
+        "addmm": (mx.addmm(my, mx_, mW.T, alpha=0.5, beta=2.0),
+                  2.0 * y + 0.5 * (x @ W.T.astype(np.float64))),
+        "batched": (mx.array(x[None].repeat(3, 0)) @ mW.T,
+                    np.repeat(x[None], 3, 0) @ W.T.astype(np.float64)),
+    }
+    for name, (got, want) in cases.items():
+        arrays["mm_" + name] = np.array(got).astype(np.float64) - want
+
+    # 2. The model: plain and steered batch-1 decode, per-step log-probabilities.
+    lab = mlx_steer.load()
+    v = rng.standard_normal(lab.hidden_size).astype(np.float32)
+    v *= 6.0 / np.linalg.norm(v)
+    steer = Steer(v, 12, 1.5)
+    prompt = "Tell me about your weekend."
+
+    def decode(s, n=8):
+        toks = lab.encode(prompt, chat=True)
+        caches = base.make_caches(lab.model, base.build_plans([as_steers(s)], [len(toks)]))
+        ys, lps = [], []
+        gen = generate_step(mx.array(toks), lab.model, max_tokens=n,
+                            sampler=lambda lp: mx.argmax(lp, axis=-1), prompt_cache=caches)
+        for y, lp in gen:
+            ys.append(int(y))
+            lps.append(np.array(lp.astype(mx.float32)))
+        return ys, np.stack(lps)
+
+    for name, s in (("plain", None), ("steered", steer)):
+        info[name], arrays[name] = decode(s)
+
+    # 3. A 3-row batch (sgemm with M=3) and a full forward pass (prefill).
+    rows = lab.generate_batch_tokens(
+        [(prompt, None), (prompt, steer), ("Name a fruit.", Steer(v, 20, 1.0))], max_tokens=6)
+    info["batch"] = [r.tokens for r in rows]
+    arrays["batch_first"] = np.stack([r.first_logprobs for r in rows])
+    arrays["logits"] = lab.logits(prompt, steer)
+
+    # 4. With the shim preloaded: call cblas_sgemm directly, every layout and transpose.
+    errs = []
+    try:
+        lib = ctypes.CDLL(None)
+        shim = bool(lib.mlx_steer_sgemv_shim_active())
+    except (OSError, AttributeError):
+        shim = False
+    info["shim"] = shim
+    if shim:
+        f = lib.cblas_sgemm
+        P = ctypes.POINTER(ctypes.c_float)
+        f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P, ctypes.c_int,
+                                           ctypes.c_float, P, ctypes.c_int]
+        f.restype = None
+
+        def stored(buf, rows, cols, ld, order):
+            if order == 101:
+                return buf.reshape(rows, ld)[:, :cols]
+            return buf.reshape(cols, ld)[:, :rows].T
+
+        shapes = ((1, 5, 7), (3, 1, 7), (1, 1, 7), (3, 5, 7), (2, 9, 16), (5, 70, 33),
+                  (16, 12, 64), (17, 8, 16), (6, 300, 301))  # (M, N, K)
+        for order in (101, 102):
+            for ta in (111, 112):
+                for tb in (111, 112):
+                    for M, N, K in shapes:
+                        for beta in (0.0, 0.5):
+                            ar, ac = (M, K) if ta == 111 else (K, M)
+                            br, bc = (K, N) if tb == 111 else (N, K)
+                            lda = (ac if order == 101 else ar) + 2
+                            ldb = (bc if order == 101 else br) + 3
+                            ldc = (N if order == 101 else M) + 1
+                            A = rng.standard_normal((ar if order == 101 else ac) * lda).astype(np.float32)
+                            B = rng.standard_normal((br if order == 101 else bc) * ldb).astype(np.float32)
+                            C = rng.standard_normal((M if order == 101 else N) * ldc).astype(np.float32)
+                            if beta == 0.0:
+                                Cs = stored(C, M, N, ldc, order)
+                                Cs[...] = np.nan  # must be ignored
+                            opA = stored(A, ar, ac, lda, order).astype(np.float64)
+                            opB = stored(B, br, bc, ldb, order).astype(np.float64)
+                            opA = opA if ta == 111 else opA.T
+                            opB = opB if tb == 111 else opB.T
+                            C0 = stored(C, M, N, ldc, order).astype(np.float64)
+                            want = 1.25 * opA @ opB + (beta * C0 if beta else 0.0)
+                            pad = C.copy()
+                            f(order, ta, tb, M, N, K, 1.25, A.ctypes.data_as(P), lda,
+                              B.ctypes.data_as(P), ldb, beta, C.ctypes.data_as(P), ldc)
+                            got = stored(C, M, N, ldc, order)
+                            mask = np.ones_like(C, bool)
+                            stored(mask, M, N, ldc, order)[...] = False
+                            err = float(np.abs(got - want).max()) / (1 + np.abs(want).max())
+                            if not err < 1e-5 or not np.array_equal(C[mask], pad[mask]):
+                                errs.append([order, ta, tb, M, N, beta, err])
+    info["sgemm_errors"] = errs
+
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as fh:
+        json.dump(info, fh)
+''')
+
+
+def _fast_env() -> dict[str, str] | None:
+    env = fastpath.preload_env(shim=True)
+    if not env or fastpath.shim_path().name not in env["LD_PRELOAD"]:
+        return None
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the fast CPU path is Linux-only")
+    if fastpath.openblas() is None:
+        pytest.skip("Debian's OpenBLAS (libopenblas0-pthread) is not installed")
+    if fastpath.compiler() is None:
+        pytest.skip("no C compiler to build the sgemv shim")
+    fast = _fast_env()
+    if fast is None:
+        pytest.skip("the sgemv shim could not be built")
+    d = tmp_path_factory.mktemp("fastpath")
+    script = d / "child.py"
+    script.write_text(CHILD)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("LD_PRELOAD", "MLX_STEER_SHIM_STATS")}
+    base_env.setdefault("HF_HUB_OFFLINE", "1")
+    out = {}
+    for name, extra in (("plain", {}), ("fast", {**fast, "MLX_STEER_SHIM_STATS": "1"})):
+        p = subprocess.run([sys.executable, str(script), str(d / name)],
+                           env={**base_env, **extra}, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, f"{name} child failed:\n{p.stderr[-3000:]}"
+        info = json.loads((d / f"{name}.json").read_text())
+        arrays = dict(np.load(d / f"{name}.npz"))
+        out[name] = (info, arrays, p.stderr)
+    return out
+
+
+def test_preload_took_effect(runs):
+    plain, fast = runs["plain"][0], runs["fast"][0]
+    assert not plain["loaded"]["openblas"] and not plain["loaded"]["shim"]
+    assert fast["loaded"]["openblas"] and fast["loaded"]["shim"] and fast["shim"]
+    m = re.search(r"(\d+) one-row products sent to sgemv, (\d+) few-row products to the "
+                  r"small kernel, (\d+) passed to sgemm", runs["fast"][2])
+    assert m, runs["fast"][2][-2000:]
+    gemv, small, gemm = map(int, m.groups())
+    assert gemv > 1000 and small > 100 and gemm > 0  # decode rerouted, prefill not
+
+
+def test_shim_computes_every_layout(runs):
+    assert runs["fast"][0]["sgemm_errors"] == []
+
+
+@pytest.mark.parametrize("which", ["plain", "fast"])
+def test_mlx_matmuls_exact(runs, which):
+    arrays = runs[which][1]
+    for k, d in arrays.items():
+        if k.startswith("mm_"):
+            assert np.abs(d).max() < 1e-4, (which, k)
+
+
+def test_same_tokens(runs):
+    (p, _, _), (f, _, _) = runs["plain"], runs["fast"]
+    assert p["plain"] == f["plain"]
+    assert p["steered"] == f["steered"]
+    assert p["steered"] != p["plain"]  # the steer is strong enough to matter
+    assert p["batch"] == f["batch"]
+    assert p["batch"][0] == p["plain"][:6] and p["batch"][1] == p["steered"][:6]
+
+
+def test_same_logprobs(runs):
+    p, f = runs["plain"][1], runs["fast"][1]
+    for k in ("plain", "steered", "batch_first", "logits"):
+        assert p[k].shape == f[k].shape, k
+        np.testing.assert_allclose(f[k], p[k], atol=ATOL, rtol=0, err_msg=k)
+
+
+# ---- the module itself, without subprocesses ---------------------------------------
+
+def test_off_on_macos(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert fastpath.preload_env() == {}
+    assert fastpath.build() is None
+    assert "not needed" in fastpath.describe()
+
+
+def test_disabled_by_env(monkeypatch):
+    monkeypatch.setenv(fastpath.DISABLE_ENV, "1")
+    assert fastpath.preload_env() == {}
+
+
+def test_no_compiler_falls_back_to_openblas(monkeypatch, tmp_path):
+    monkeypatch.setattr(fastpath, "compiler", lambda: None)
+    assert fastpath.build(tmp_path) is None
+    blas = fastpath.openblas()
+    env = fastpath.preload_env(dest=tmp_path)
+    if blas is None:
+        assert env == {}
+    else:
+        assert env["LD_PRELOAD"].split(":")[0] == str(blas)
+
+
+def test_no_openblas_means_nothing(monkeypatch):
+    monkeypatch.setattr(fastpath, "openblas", lambda: None)
+    assert fastpath.preload_env() == {}
+
+
+def test_bad_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")
+    assert fastpath.build(tmp_path, force=True) is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_build(tmp_path):
+    if not sys.platform.startswith("linux") or fastpath.compiler() is None:
+        pytest.skip("needs Linux and a C compiler")
+    so = fastpath.build(tmp_path)
+    assert so is not None and so.is_file() and so.parent == tmp_path
+    assert fastpath.build(tmp_path) == so  # reused
