@@ -6,7 +6,7 @@ PYTHON ?= python3
 # Fast CPU path (Linux only, optional): MLX's wheel bundles a reference BLAS, so preload
 # Debian's OpenBLAS, a one-row sgemm->sgemv shim compiled here, and tcmalloc when present.
 # `python -m mlx_steer.fastpath` prints nothing where none of it applies (macOS, no OpenBLAS).
-PRELOAD = $(shell $(PY) -m mlx_steer.fastpath --tcmalloc 2>/dev/null)
+PRELOAD = $(shell $(PY) -m mlx_steer.fastpath 2>/dev/null)
 RUN     = $(if $(strip $(PRELOAD)),env LD_PRELOAD=$(PRELOAD),env)
 
 .PHONY: setup app test bench clean

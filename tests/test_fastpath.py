@@ -185,6 +185,7 @@ def test_preload_took_effect(runs):
     plain, fast = runs["plain"][0], runs["fast"][0]
     assert not plain["loaded"]["openblas"] and not plain["loaded"]["shim"]
     assert fast["loaded"]["openblas"] and fast["loaded"]["shim"] and fast["shim"]
+    assert fast["loaded"]["tcmalloc"] == (fastpath.tcmalloc() is not None)
     m = re.search(r"(\d+) one-row products sent to sgemv, (\d+) few-row products to the "
                   r"small kernel, (\d+) passed to sgemm", runs["fast"][2])
     assert m, runs["fast"][2][-2000:]
@@ -243,6 +244,25 @@ def test_no_compiler_falls_back_to_openblas(monkeypatch, tmp_path):
         assert env == {}
     else:
         assert env["LD_PRELOAD"].split(":")[0] == str(blas)
+
+
+def test_tcmalloc_last_and_optional(monkeypatch, tmp_path):
+    if fastpath.openblas() is None or fastpath.tcmalloc() is None:
+        pytest.skip("needs OpenBLAS and tcmalloc installed")
+    libs = fastpath.preload_env(dest=tmp_path)["LD_PRELOAD"].split(":")
+    assert libs[-1] == str(fastpath.tcmalloc())
+    monkeypatch.setenv(fastpath.NO_TCMALLOC_ENV, "1")
+    libs = fastpath.preload_env(dest=tmp_path)["LD_PRELOAD"].split(":")
+    assert str(fastpath.openblas()) == libs[-1]
+
+
+def test_stale_entries_are_replaced(monkeypatch, tmp_path):
+    if fastpath.openblas() is None:
+        pytest.skip("needs OpenBLAS")
+    monkeypatch.setenv("LD_PRELOAD", f"/old/{fastpath.SHIM_NAME}-x.so:/opt/libfoo.so")
+    libs = fastpath.preload_env(dest=tmp_path)["LD_PRELOAD"].split(":")
+    assert "/opt/libfoo.so" == libs[-1]
+    assert not any(p.startswith("/old/") for p in libs)
 
 
 def test_no_openblas_means_nothing(monkeypatch):

@@ -7,17 +7,19 @@ many times slower than an optimised BLAS. Preloading Debian's OpenBLAS
 MLX's one-row `cblas_sgemm` calls (batch-1 decoding) to `cblas_sgemv`, and
 few-row ones (batched decoding of 2-12 rows) to a kernel that streams each
 weight row once; OpenBLAS's sgemm re-packs the whole weight matrix on every call.
-tcmalloc (Debian `libtcmalloc-minimal4`) can be added: MLX allocates and frees
-many buffers per token.
+tcmalloc (Debian `libtcmalloc-minimal4`) is added when installed: MLX allocates
+and frees many buffers per token, which glibc's malloc serves with page faults.
 
 All of it is optional: off on macOS (Metal / Accelerate), skipped when OpenBLAS
 or a C compiler is missing, and results are the same either way (float32 sums
 in another order: greedy tokens identical, log-probabilities within ~1e-4;
 tests/test_fastpath.py).
 
-    python -m mlx_steer.fastpath              # prints the LD_PRELOAD value ('' if none)
-    python -m mlx_steer.fastpath --tcmalloc   # ... with tcmalloc when installed
-    python -m mlx_steer.fastpath --status     # what is available and what this process has
+    python -m mlx_steer.fastpath                # prints the LD_PRELOAD value ('' if none)
+    python -m mlx_steer.fastpath --no-tcmalloc  # ... without tcmalloc
+    python -m mlx_steer.fastpath --status       # what is available and what this process has
+
+Set MLX_STEER_NO_FASTPATH=1 to turn it all off, MLX_STEER_NO_TCMALLOC=1 for tcmalloc alone.
 
 Preloading must happen before the process starts (the dynamic linker reads
 LD_PRELOAD once): the Makefile runs `env LD_PRELOAD=... python ...`, and
@@ -46,6 +48,7 @@ _TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",)
 CFLAGS = ("-O3", "-Wno-psabi", "-shared", "-fPIC")
 LIBS = ("-ldl", "-lpthread")
 DISABLE_ENV = "MLX_STEER_NO_FASTPATH"  # set to 1 to turn the whole fast path off
+NO_TCMALLOC_ENV = "MLX_STEER_NO_TCMALLOC"  # set to 1 to leave tcmalloc out
 
 
 def supported() -> bool:
@@ -53,8 +56,12 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and not _disabled()
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "False")
+
+
 def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "") not in ("", "0", "false", "False")
+    return _flag(DISABLE_ENV)
 
 
 def _first(patterns) -> Path | None:
@@ -71,8 +78,9 @@ def openblas() -> Path | None:
 
 
 def tcmalloc() -> Path | None:
-    """`libtcmalloc_minimal.so.4` (Debian `libtcmalloc-minimal4`), if installed."""
-    return _first(_TCMALLOC) if supported() else None
+    """`libtcmalloc_minimal.so.4` (Debian `libtcmalloc-minimal4`), if installed and
+    not turned off with MLX_STEER_NO_TCMALLOC=1."""
+    return _first(_TCMALLOC) if supported() and not _flag(NO_TCMALLOC_ENV) else None
 
 
 def compiler() -> str | None:
@@ -137,7 +145,7 @@ def build(dest: str | os.PathLike | None = None, force: bool = False) -> Path | 
         return None
 
 
-def preload_libs(shim: bool = True, use_tcmalloc: bool = False,
+def preload_libs(shim: bool = True, use_tcmalloc: bool = True,
                  dest: str | os.PathLike | None = None) -> list[Path]:
     """The libraries to preload, in order: [shim,] OpenBLAS [, tcmalloc]; [] if none.
 
@@ -160,9 +168,10 @@ def preload_libs(shim: bool = True, use_tcmalloc: bool = False,
     return libs
 
 
-def preload_env(shim: bool = True, use_tcmalloc: bool = False,
+def preload_env(shim: bool = True, use_tcmalloc: bool = True,
                 dest: str | os.PathLike | None = None) -> dict[str, str]:
-    """Environment to add for a child process: {"LD_PRELOAD": "shim:openblas"}, or {}.
+    """Environment to add for a child process: {"LD_PRELOAD": "shim:openblas:tcmalloc"}
+    (what is available of it), or {}.
 
     Other libraries already in this environment's LD_PRELOAD are kept, after ours
     (earlier shims, OpenBLAS and tcmalloc entries are replaced).
@@ -197,7 +206,7 @@ def active() -> bool:
     return loaded()["openblas"]
 
 
-def reexec(shim: bool = True) -> None:
+def reexec(shim: bool = True, use_tcmalloc: bool = True) -> None:
     """Restart this Python process with the fast path preloaded, once; no-op if it
     is already active, unavailable, or the process was started with it disabled.
 
@@ -205,7 +214,7 @@ def reexec(shim: bool = True) -> None:
     """
     if not supported() or active() or os.environ.get("_MLX_STEER_REEXEC"):
         return
-    env = preload_env(shim)
+    env = preload_env(shim, use_tcmalloc)
     if not env:
         return
     env = {**os.environ, **env, "_MLX_STEER_REEXEC": "1"}
@@ -235,11 +244,11 @@ def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_steer.fastpath",
                                 description="Print the LD_PRELOAD value for MLX's fast CPU path.")
     p.add_argument("--no-shim", action="store_true", help="OpenBLAS only")
-    p.add_argument("--tcmalloc", action="store_true", help="also preload tcmalloc")
+    p.add_argument("--no-tcmalloc", action="store_true", help="leave tcmalloc out")
     p.add_argument("--dest", help="where to build the shim")
     p.add_argument("--status", action="store_true", help="describe what is available")
     a = p.parse_args(argv)
-    libs = preload_libs(not a.no_shim, a.tcmalloc, a.dest)
+    libs = preload_libs(not a.no_shim, not a.no_tcmalloc, a.dest)
     if a.status:
         print(f"platform: {sys.platform}; compiler: {compiler()}; openblas: {openblas()}; "
               f"tcmalloc: {tcmalloc()}")
