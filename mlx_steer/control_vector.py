@@ -28,6 +28,7 @@ def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
         raise VectorShapeError("nothing to export: llama.cpp cannot steer block 0")
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".", suffix=".gguf.tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     try:
         w = gguf.GGUFWriter(tmp, "controlvector")
         w.add_string("controlvector.model_hint", model_hint or "llama")

@@ -59,6 +59,7 @@ def spec_digest(spec: dict) -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
