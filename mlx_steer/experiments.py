@@ -13,8 +13,7 @@ Record fields (always present; a metric that cannot be computed is ``None``):
 
 - ``row``, ``kind`` ("baseline", "compare", "layer", "strength", "mix",
   "component", "eval"), ``is_baseline``, ``prompt``, ``concept``, ``layer``,
-  ``strength`` (relative: ‖raw·v‖ / median residual norm at the layer,
-  science.md §6), ``raw_strength`` (multiplier of the layer's raw vector),
+  ``strength`` (relative: ‖raw·v‖ / median residual norm at the layer), ``raw_strength`` (multiplier of the layer's raw vector),
   ``positions``, ``text``, ``n_tokens``, ``finish_reason``, ``seed``,
   ``temperature``;
 - ``sentiment``: VADER compound in [-1, 1];

@@ -1,6 +1,6 @@
 """The injected-thought detection test of Lindsey (2025), adapted to local chat models.
 
-Protocol (science.md §1; data in ``data/introspection.json``):
+Protocol (data in ``data/introspection.json``):
 
 - **Word vectors.** For every word, the activation at the last token of the
   chat-templated prompt "Tell me about {word}" (word lower-cased, generation
@@ -13,7 +13,7 @@ Protocol (science.md §1; data in ``data/introspection.json``):
   newline(s) before "Trial 1" onward, every generated token included
   (``Steer(positions=start)``, absolute positions). Strengths are raw
   multiples of the word vector (the paper's {1, 2, 4, 8}) or relative
-  (fractions of the residual norm at the layer, science.md §6); both are
+  (fractions of the residual norm at the layer); both are
   reported for every trial.
 - **Control trials.** The same prompt with no injection: the false-positive rate.
 - **Yes-bias control.** The 20 questions whose true answer is "no", each asked

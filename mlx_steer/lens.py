@@ -4,7 +4,7 @@ Every function takes a loaded :class:`~mlx_steer.Lab` (or plain arrays) and
 returns numpy arrays, plain dicts or tidy records (lists of dicts, one per row)
 that the chart builders in :mod:`mlx_steer.charts` accept.
 
-Conventions (science.md §5–7): "layer ℓ" is the output of decoder block ℓ,
+Conventions: "layer ℓ" is the output of decoder block ℓ,
 after any steering at that block; position 0 (the attention sink, with massive
 activations) is never read into a statistic.
 """
@@ -125,7 +125,7 @@ def _token_norm_mask(layer_hidden: np.ndarray) -> np.ndarray:
 def residual_norms(lab, texts: Sequence[str] | str, chat: bool = False) -> np.ndarray:
     """Median ‖h‖ over ordinary tokens of `texts`, per layer: float64 (num_layers,).
 
-    Position 0 (and any massive-activation position, science.md §7) is excluded;
+    Position 0 (and any massive-activation position) is excluded;
     the same measure concepts use for relative strength.
     """
     from .extract import capture
@@ -183,7 +183,7 @@ def logit_lens(lab, text: str | Sequence[int], k: int = 5, chat: bool = False,
 def vector_lens(lab, vector: np.ndarray, k: int = 10) -> list[dict]:
     """Tokens a direction promotes and suppresses: top/bottom-k of W_U·(g ⊙ v̂).
 
-    `g` is the final norm's gain (science.md §5, "logit lens of v"). Records: direction
+    `g` is the final norm's gain. Records: direction
     ("promotes"|"suppresses"), rank, token, token_id, score (logit per unit of v̂).
     """
     v = np.asarray(vector, dtype=np.float64).reshape(-1)

@@ -1,4 +1,4 @@
-"""Cheap, model-free metrics over text, logits and hidden states (science.md §5–§7)."""
+"""Cheap, model-free metrics over text, logits and hidden states."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def projection(hidden: np.ndarray, direction: np.ndarray, exclude_first: bool = 
     """⟨h, v̂⟩ for hidden (L, T, D) and direction (L, D) or (D,); returns (L, T) float64.
 
     With `exclude_first`, column 0 is NaN: position 0 is the attention sink and
-    carries massive activations (science.md §7), so it is never read.
+    carries massive activations, so it is never read.
     """
     h = np.asarray(hidden, dtype=np.float64)
     v = np.asarray(direction, dtype=np.float64)
@@ -160,7 +160,7 @@ def massive_positions(hidden_layer: np.ndarray) -> np.ndarray:
 
 
 def relative_strength(strength: float, vector_norm: float, residual_norm: float) -> float:
-    """α_rel = |strength|·‖v‖ / median‖h‖ (science.md §6)."""
+    """α_rel = |strength|·‖v‖ / median‖h‖."""
     if residual_norm <= 0:
         raise ValueError(f"residual_norm must be positive, got {residual_norm}")
     return abs(strength) * vector_norm / residual_norm
