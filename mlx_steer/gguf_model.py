@@ -150,6 +150,13 @@ def model_args(meta: dict, vocab_size: int, tied: bool):
     )
 
 
+def args_from_dict(d: dict):
+    """llama `ModelArgs` from the dict `dataclasses.asdict` made of them."""
+    from mlx_lm.models import llama
+
+    return llama.ModelArgs.from_dict(d)
+
+
 def dequantize_np(w: mx.array, scales: mx.array, biases: mx.array) -> np.ndarray:
     """float32 weights of an MLX affine-quantised (group 32) 4- or 8-bit matrix.
 
@@ -171,10 +178,14 @@ def dequantize_np(w: mx.array, scales: mx.array, biases: mx.array) -> np.ndarray
     return (q * s + b).reshape(rows, cols)
 
 
-def load_model(path: Path, dequantize: bool = False):
-    """Build an mlx-lm llama `Model` from a GGUF file. Returns (model, metadata)."""
-    from mlx_lm.models import llama
+def read(path: Path, dequantize: bool = False):
+    """Model args, weights (MLX names) and metadata of a GGUF file.
 
+    With `dequantize`, quantised matrices come back as float32 and their
+    quantised form is kept as `<name>.twin_q` / `.twin_scales` / `.twin_biases`
+    (uint8 bytes, float32 per group of 32) for the fast CPU path; otherwise each
+    quantised matrix comes with its `.scales` and `.biases`.
+    """
     check_tensor_types(path)
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
@@ -185,15 +196,36 @@ def load_model(path: Path, dequantize: bool = False):
     vocab = len(_meta(meta, "tokenizer.ggml.tokens", []) or []) or int(
         weights["model.embed_tokens.weight"].shape[0])
     args = model_args(meta, vocab, tied)
-    model = llama.Model(args)
-
-    quantized = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
     if dequantize:
-        for p in quantized:
+        twins = {}
+        for p in [k[: -len(".scales")] for k in weights if k.endswith(".scales")]:
             w, s, b = (weights.pop(f"{p}.{x}") for x in ("weight", "scales", "biases"))
             weights[f"{p}.weight"] = mx.array(dequantize_np(w, s, b))
+            twins[f"{p}.twin_q"] = mx.array(np.asarray(w).view(np.uint8))
+            twins[f"{p}.twin_scales"] = s.astype(mx.float32)
+            twins[f"{p}.twin_biases"] = b.astype(mx.float32)
         weights = {k: v.astype(mx.float32) for k, v in weights.items()}
-    else:
+        weights.update(twins)
+    return args, weights, meta
+
+
+def split_twins(weights: dict[str, mx.array]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Remove the `.twin_*` entries of `weights`: {matrix name: (bytes, scales, biases)}."""
+    out = {}
+    for k in [k for k in weights if k.endswith(".twin_q")]:
+        p = k[: -len(".twin_q")]
+        out[f"{p}.weight"] = tuple(np.asarray(weights.pop(f"{p}.twin_{x}"))
+                                   for x in ("q", "scales", "biases"))
+    return out
+
+
+def build_model(args, weights: dict[str, mx.array]):
+    """An mlx-lm llama `Model` holding `weights` (quantised layers where `.scales` exist)."""
+    from mlx_lm.models import llama
+
+    model = llama.Model(args)
+    quantized = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
+    if quantized:
         def predicate(p, m):
             if p not in quantized:
                 return False
@@ -203,22 +235,43 @@ def load_model(path: Path, dequantize: bool = False):
         nn.quantize(model, group_size=GROUP_SIZE, bits=4, class_predicate=predicate)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    return model, meta
+    return model
 
 
-def load_tokenizer(meta: dict):
-    """An mlx-lm `TokenizerWrapper` built from the GGUF metadata (byte-level BPE)."""
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def load_model(path: Path, dequantize: bool = False):
+    """Build an mlx-lm llama `Model` from a GGUF file. Returns (model, metadata)."""
+    args, weights, meta = read(path, dequantize)
+    split_twins(weights)
+    return build_model(args, weights), meta
 
+
+def tokenizer_spec(meta: dict) -> dict:
+    """The GGUF metadata a tokenizer is built from, as plain JSON-able data."""
     kind = _meta(meta, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise UnsupportedModelError(
             f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' is)")
     tokens = list(_meta(meta, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _meta(meta, "tokenizer.ggml.merges")]
-    types = np.asarray(_meta(meta, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    types = _meta(meta, "tokenizer.ggml.token_type", None)
+    ids = {k: _meta(meta, f"tokenizer.ggml.{k}_token_id")
+           for k in ("bos", "eos", "unknown", "padding")}
+    return {
+        "tokens": tokens,
+        "merges": list(_meta(meta, "tokenizer.ggml.merges")),
+        "special": [int(i) for i in np.flatnonzero(np.asarray(types) == 3)] if types else [],
+        "ids": {k: int(v) for k, v in ids.items() if v is not None and int(v) < len(tokens)},
+        "chat_template": _meta(meta, "tokenizer.chat_template"),
+    }
+
+
+def tokenizer_from_spec(spec: dict):
+    """An mlx-lm `TokenizerWrapper` (byte-level BPE) built from `tokenizer_spec` data."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = spec["tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in spec["merges"]]
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -226,20 +279,20 @@ def load_tokenizer(meta: dict):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     bpe.decoder = decoders.ByteLevel()
-    specials = [tokens[i] for i in np.flatnonzero(types == 3)]
-
-    def tok(key):
-        i = _meta(meta, f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and int(i) < len(tokens) else None
-
+    named = {k: tokens[i] for k, i in spec["ids"].items()}
     hf = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        bos_token=tok("bos"), eos_token=tok("eos"), unk_token=tok("unknown"),
-        pad_token=tok("padding"),
-        additional_special_tokens=[s for s in specials if s not in
-                                   (tok("bos"), tok("eos"), tok("unknown"), tok("padding"))],
-        chat_template=_meta(meta, "tokenizer.chat_template"),
+        bos_token=named.get("bos"), eos_token=named.get("eos"),
+        unk_token=named.get("unknown"), pad_token=named.get("padding"),
+        additional_special_tokens=[tokens[i] for i in spec["special"]
+                                   if tokens[i] not in named.values()],
+        chat_template=spec["chat_template"],
     )
-    eos = _meta(meta, "tokenizer.ggml.eos_token_id")
+    eos = spec["ids"].get("eos")
     return TokenizerWrapper(hf, BPEStreamingDetokenizer,
-                            eos_token_ids=[int(eos)] if eos is not None else None)
+                            eos_token_ids=[eos] if eos is not None else None)
+
+
+def load_tokenizer(meta: dict):
+    """An mlx-lm `TokenizerWrapper` built from the GGUF metadata (byte-level BPE)."""
+    return tokenizer_from_spec(tokenizer_spec(meta))

@@ -83,8 +83,13 @@ def _load_gguf(path: Path, name: str, dequantize: bool | None) -> Lab:
 
     if dequantize is None:
         dequantize = default_dequantize()
-    model, meta = gguf_model.load_model(path, dequantize=dequantize)
-    tokenizer = gguf_model.load_tokenizer(meta)
+    if dequantize:
+        from .model_cache import load_expanded
+
+        model, tokenizer = load_expanded(path)
+    else:
+        model, meta = gguf_model.load_model(path)
+        tokenizer = gguf_model.load_tokenizer(meta)
     return Lab(model, tokenizer, name, context_length=model.args.max_position_embeddings)
 
 

@@ -139,6 +139,54 @@ CHILD = textwrap.dedent(r'''
                                 errs.append([order, ta, tb, M, N, beta, err])
     info["sgemm_errors"] = errs
 
+    # 5. Quantised twins: products through registered 4- and 8-bit twins, against float64.
+    info["twins"] = twins_ok = shim and bool(lib.mlx_steer_twin_supported())
+    info["twin_errors"] = terrs = []
+    if twins_ok:
+        import mlx.nn as nn
+        from mlx_steer.fastpath import twins
+
+        info["model_twins"] = len(twins._LIVE.get(id(lab.model), []))
+        for bits in (4, 8):
+            N, K = 70, 96
+            q = rng.integers(0, 256, (N, K * bits // 8), dtype=np.uint8)
+            sc = (rng.random((N, K // 32)) * 0.02).astype(np.float16).astype(np.float32)
+            bi = (-rng.random((N, K // 32)) * 0.1).astype(np.float16).astype(np.float32)
+            qq = np.stack([q & 15, q >> 4], -1).reshape(N, K) if bits == 4 else q
+            W = (qq.reshape(N, K // 32, 32).astype(np.float32) * sc[..., None]
+                 + bi[..., None]).reshape(N, K)
+            lin = nn.Linear(K, N, bias=False)
+            lin.weight = mx.array(W)
+            if twins.attach(lin, {"weight": (q, sc, bi)}) != 1:
+                terrs.append(["attach", bits])
+            for M in (1, 2, 4, 5, 12):
+                xm = rng.standard_normal((M, K)).astype(np.float32)
+                got = np.array(lin(mx.array(xm))).astype(np.float64)
+                err = float(np.abs(got - xm.astype(np.float64) @ W.T.astype(np.float64)).max())
+                if not err < 1e-4:
+                    terrs.append([bits, M, err])
+        # A twin is skipped once its matrix no longer holds the registered values.
+        N, K = 8, 32
+        q = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
+        sc, bi = np.ones((N, 1), np.float32), np.zeros((N, 1), np.float32)
+        W = np.stack([q & 15, q >> 4], -1).reshape(N, K).astype(np.float32)
+        xm = rng.standard_normal((2, K)).astype(np.float32)
+        C = np.zeros((2, N), np.float32)
+        api = twins._shim()  # the shim's twin functions, with their C argument types
+        api.mlx_steer_twin_register(W.ctypes.data, N, K, 4, q.ctypes.data, sc.ctypes.data,
+                                    bi.ctypes.data, 7)
+        def mm():
+            f(101, 111, 112, 2, N, K, 1.0, xm.ctypes.data_as(P), K, W.ctypes.data_as(P), K,
+              0.0, C.ctypes.data_as(P), N)
+            return float(np.abs(C - xm.astype(np.float64) @ W.T.astype(np.float64)).max())
+        if not mm() < 1e-4:
+            terrs.append(["registered"])
+        W[0, 0] += 100.0
+        if not mm() < 1e-3:
+            terrs.append(["stale twin used"])
+        if api.mlx_steer_twin_unregister(7) != 1:
+            terrs.append(["unregister"])
+
     np.savez(out + ".npz", **arrays)
     with open(out + ".json", "w") as fh:
         json.dump(info, fh)
@@ -170,7 +218,9 @@ def runs(tmp_path_factory):
                 if k not in ("LD_PRELOAD", "MLX_STEER_SHIM_STATS")}
     base_env.setdefault("HF_HUB_OFFLINE", "1")
     out = {}
-    for name, extra in (("plain", {}), ("fast", {**fast, "MLX_STEER_SHIM_STATS": "1"})):
+    stats = {**fast, "MLX_STEER_SHIM_STATS": "1"}
+    for name, extra in (("plain", {}), ("fast", stats),
+                        ("fast_f32", {**stats, "MLX_STEER_SHIM_TWINS": "0"})):
         p = subprocess.run([sys.executable, str(script), str(d / name)],
                            env={**base_env, **extra}, capture_output=True, text=True,
                            timeout=300)
@@ -181,16 +231,29 @@ def runs(tmp_path_factory):
     return out
 
 
+def _shim_counts(stderr: str) -> tuple[int, int, int, int]:
+    m = re.search(r"(\d+) one-row products sent to sgemv, (\d+) few-row products to the "
+                  r"small kernel, (\d+) to quantised twins, (\d+) passed to sgemm", stderr)
+    assert m, stderr[-2000:]
+    return tuple(map(int, m.groups()))
+
+
 def test_preload_took_effect(runs):
     plain, fast = runs["plain"][0], runs["fast"][0]
     assert not plain["loaded"]["openblas"] and not plain["loaded"]["shim"]
     assert fast["loaded"]["openblas"] and fast["loaded"]["shim"] and fast["shim"]
     assert fast["loaded"]["tcmalloc"] == (fastpath.tcmalloc() is not None)
-    m = re.search(r"(\d+) one-row products sent to sgemv, (\d+) few-row products to the "
-                  r"small kernel, (\d+) passed to sgemm", runs["fast"][2])
-    assert m, runs["fast"][2][-2000:]
-    gemv, small, gemm = map(int, m.groups())
-    assert gemv > 1000 and small > 100 and gemm > 0  # decode rerouted, prefill not
+    gemv, small, twin, gemm = _shim_counts(runs["fast_f32"][2])
+    assert gemv > 1000 and small > 100 and twin == 0 and gemm > 0  # decode rerouted, prefill not
+    gemv, small, twin, gemm = _shim_counts(runs["fast"][2])
+    if fast["twins"]:  # every weight matrix of the model read through its twin
+        assert fast["model_twins"] == 7 * 30 + 1 and twin > 1000 and gemm > 0
+
+
+def test_quantised_twins_compute_exactly(runs):
+    if not runs["fast"][0]["twins"]:
+        pytest.skip("quantised twins need AVX-512")
+    assert runs["fast"][0]["twin_errors"] == []
 
 
 def test_shim_computes_every_layout(runs):
@@ -205,8 +268,9 @@ def test_mlx_matmuls_exact(runs, which):
             assert np.abs(d).max() < 1e-4, (which, k)
 
 
-def test_same_tokens(runs):
-    (p, _, _), (f, _, _) = runs["plain"], runs["fast"]
+@pytest.mark.parametrize("fast", ["fast", "fast_f32"])
+def test_same_tokens(runs, fast):
+    (p, _, _), (f, _, _) = runs["plain"], runs[fast]
     assert p["plain"] == f["plain"]
     assert p["steered"] == f["steered"]
     assert p["steered"] != p["plain"]  # the steer is strong enough to matter
@@ -214,8 +278,9 @@ def test_same_tokens(runs):
     assert p["batch"][0] == p["plain"][:6] and p["batch"][1] == p["steered"][:6]
 
 
-def test_same_logprobs(runs):
-    p, f = runs["plain"][1], runs["fast"][1]
+@pytest.mark.parametrize("fast", ["fast", "fast_f32"])
+def test_same_logprobs(runs, fast):
+    p, f = runs["plain"][1], runs[fast][1]
     for k in ("plain", "steered", "batch_first", "logits"):
         assert p[k].shape == f[k].shape, k
         np.testing.assert_allclose(f[k], p[k], atol=ATOL, rtol=0, err_msg=k)

@@ -18,6 +18,14 @@
  * reuses it for every input row, split over the cores by output columns; OpenBLAS's
  * sgemm would pack the whole weight matrix first.
  *
+ * Quantised twins: a float32 weight matrix that was expanded from affine-quantised
+ * blocks (GGUF Q4_0 / Q4_1 / Q8_0: w = scale * q + bias per group of 32 along K) can be
+ * registered with its quantised bytes (mlx_steer_twin_register). Products x @ W^T with
+ * 1..SMALL_M_MAX rows then read those bytes, 4-8x fewer than W, and rebuild each weight
+ * with one fma: scale * q is exact in float32, so the rebuilt weight equals W bit for bit
+ * and only the order of the sums changes. A twin is used only while the first and last
+ * elements of W still hold the values seen at registration (AVX-512 machines only).
+ *
  * Results: the same sums in another order, so outputs may differ in the last bits of
  * float32 (tests require identical greedy tokens and log-probabilities within 1e-3).
  *
@@ -36,6 +44,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 /* CBLAS enum values (identical in every CBLAS). */
 enum { RowMajor = 101, ColMajor = 102 };
@@ -48,16 +59,18 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
-static unsigned long n_gemv, n_gemm, n_small;
+static unsigned long n_gemv, n_gemm, n_small, n_twin;
 static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
 static int nthreads = 1;
+static int twin_isa; /* quantised twins usable (AVX-512) */
 
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
-                    "%lu few-row products to the small kernel, %lu passed to sgemm\n",
-            n_gemv, n_small, n_gemm);
+                    "%lu few-row products to the small kernel, %lu to quantised twins, "
+                    "%lu passed to sgemm\n",
+            n_gemv, n_small, n_twin, n_gemm);
 }
 
 static int env_int(const char *name, int dflt) {
@@ -192,8 +205,210 @@ static void pick_kernel(void) {
     if (s && strcmp(s, "generic") == 0) avx2 = avx512 = 0;
     if (s && strcmp(s, "avx2") == 0) avx512 = 0;
     smallm_cols = avx512 ? cols_avx512 : avx2 ? cols_avx2 : cols_generic;
+    twin_isa = avx512 && __builtin_cpu_supports("avx512bw");
+    s = getenv("MLX_STEER_SHIM_TWINS");
+    if (s && strcmp(s, "0") == 0) twin_isa = 0;
 #endif
 }
+
+
+/* ---- quantised twins ------------------------------------------------------------------- */
+#define TWIN_GROUP 32
+#define TWIN_SLOTS 16384 /* open-addressing table, a power of two */
+
+struct twin {
+    const float *w;             /* the float32 matrix, N x K row-major */
+    long tag;                   /* owner, for mlx_steer_twin_unregister */
+    int N, K, bits;             /* bits: 4 (two per byte, low nibble first) or 8 */
+    const unsigned char *q;     /* N x K/2 or N x K bytes */
+    const float *scale, *bias;  /* N x K/32 each */
+    unsigned int probe[2];      /* bits of w[0] and w[N*K-1] at registration */
+};
+static struct twin *twin_table; /* TWIN_SLOTS entries, w == NULL where free */
+static int twin_count;
+static pthread_rwlock_t twin_lock = PTHREAD_RWLOCK_INITIALIZER;
+
+static unsigned long twin_hash(const float *w) {
+    return (((unsigned long)w >> 4) * 0x9E3779B97F4A7C15UL) >> 50; /* 14 bits */
+}
+
+static void twin_insert(struct twin t) {
+    unsigned long i = twin_hash(t.w);
+    while (twin_table[i].w && twin_table[i].w != t.w) i = (i + 1) & (TWIN_SLOTS - 1);
+    if (!twin_table[i].w) twin_count++;
+    twin_table[i] = t;
+}
+
+/* 1 when quantised twins can be used here (x86-64 with AVX-512). */
+int mlx_steer_twin_supported(void) { return twin_isa; }
+
+/* Register W (N x K float32) as the expansion of q / scale / bias; 1 on success. The
+ * caller keeps all four buffers alive until mlx_steer_twin_unregister(tag). */
+int mlx_steer_twin_register(const float *w, int N, int K, int bits, const unsigned char *q,
+                            const float *scale, const float *bias, long tag) {
+    if (!twin_isa || !w || !q || !scale || !bias || N <= 0 || K <= 0 ||
+        K % TWIN_GROUP || (bits != 4 && bits != 8))
+        return 0;
+    struct twin t = {w, tag, N, K, bits, q, scale, bias, {0, 0}};
+    memcpy(&t.probe[0], w, 4);
+    memcpy(&t.probe[1], w + (size_t)N * K - 1, 4);
+    int ok = 0;
+    pthread_rwlock_wrlock(&twin_lock);
+    if (!twin_table) twin_table = calloc(TWIN_SLOTS, sizeof *twin_table);
+    if (twin_table && twin_count < TWIN_SLOTS / 2) {
+        twin_insert(t);
+        ok = 1;
+    }
+    pthread_rwlock_unlock(&twin_lock);
+    return ok;
+}
+
+/* Forget every twin registered with `tag`; returns how many. */
+int mlx_steer_twin_unregister(long tag) {
+    int gone = 0;
+    pthread_rwlock_wrlock(&twin_lock);
+    if (twin_table) {
+        struct twin *old = twin_table;
+        twin_table = calloc(TWIN_SLOTS, sizeof *twin_table);
+        twin_count = 0;
+        for (int i = 0; i < TWIN_SLOTS; i++) {
+            if (!old[i].w) continue;
+            if (old[i].tag == tag) gone++;
+            else if (twin_table) twin_insert(old[i]);
+        }
+        free(old);
+    }
+    pthread_rwlock_unlock(&twin_lock);
+    return gone;
+}
+
+/* The twin of W, if registered with these sizes and W still holds its probes.
+ * Returns with the read lock held when found (released by twin_release). */
+static const struct twin *twin_find(const float *w, int N, int K, int ldb) {
+    if (!twin_count || ldb != K) return NULL;
+    pthread_rwlock_rdlock(&twin_lock);
+    if (twin_table) {
+        unsigned long i = twin_hash(w);
+        for (; twin_table[i].w; i = (i + 1) & (TWIN_SLOTS - 1)) {
+            const struct twin *t = &twin_table[i];
+            if (t->w != w) continue;
+            unsigned int p0, p1;
+            memcpy(&p0, w, 4);
+            memcpy(&p1, w + (size_t)N * K - 1, 4);
+            if (t->N == N && t->K == K && p0 == t->probe[0] && p1 == t->probe[1]) return t;
+            break;
+        }
+    }
+    pthread_rwlock_unlock(&twin_lock);
+    return NULL;
+}
+
+static void twin_release(void) { pthread_rwlock_unlock(&twin_lock); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TWIN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+/* The 32 weights of group g of row n, rebuilt as float32. 8 bits: w0 = elements 0..15,
+ * w1 = 16..31. 4 bits: w0 = the even elements, w1 = the odd ones, to be paired with an
+ * input row whose groups were permuted the same way (twin_permute). */
+TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __m512 *w0,
+                                          __m512 *w1) {
+    const int G = t->K / TWIN_GROUP;
+    __m512i e0, e1;
+    if (t->bits == 4) {
+        __m512i e = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128((const __m128i *)(t->q + (size_t)n * (t->K / 2) + g * 16)));
+        e0 = _mm512_and_si512(e, _mm512_set1_epi32(0x0F));
+        e1 = _mm512_srli_epi32(e, 4);
+    } else {
+        const unsigned char *q = t->q + (size_t)n * t->K + g * 32;
+        e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        e1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+    }
+    __m512 sc = _mm512_set1_ps(t->scale[(size_t)n * G + g]);
+    __m512 bi = _mm512_set1_ps(t->bias[(size_t)n * G + g]);
+    *w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e0), sc, bi);
+    *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e1), sc, bi);
+}
+
+/* Rows n, n+1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]). */
+#define TWIN_ROWS(NAME, MC)                                                                 \
+    TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
+                                 float s[2][MC]) {                                         \
+        const int G = t->K / TWIN_GROUP, n1 = n + 1 < t->N ? n + 1 : n;                    \
+        __m512 a[2][MC][2];                                                                \
+        for (int r = 0; r < 2; r++)                                                        \
+            for (int m = 0; m < MC; m++) a[r][m][0] = a[r][m][1] = _mm512_setzero_ps();    \
+        for (int g = 0; g < G; g++) {                                                      \
+            __m512 w[2][2];                                                                \
+            twin_group(t, n, g, &w[0][0], &w[0][1]);                                       \
+            twin_group(t, n1, g, &w[1][0], &w[1][1]);                                      \
+            for (int m = 0; m < MC; m++) {                                                 \
+                __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                \
+                __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                           \
+                for (int r = 0; r < 2; r++) {                                              \
+                    a[r][m][0] = _mm512_fmadd_ps(w[r][0], x0, a[r][m][0]);                 \
+                    a[r][m][1] = _mm512_fmadd_ps(w[r][1], x1, a[r][m][1]);                 \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < 2; r++)                                                        \
+            for (int m = 0; m < MC; m++)                                                   \
+                s[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][m][0], a[r][m][1]));     \
+    }
+TWIN_ROWS(twin_rows1, 1)
+TWIN_ROWS(twin_rows4, 4)
+
+/* A copy of the M input rows with each group of 32 reordered even elements first, then
+ * odd ones (the order twin_group rebuilds 4-bit weights in); NULL when out of memory. */
+static float *twin_permute(int M, int K, const float *A, int lda) {
+    float *xp = malloc(sizeof(float) * (size_t)M * K);
+    if (!xp) return NULL;
+    for (int m = 0; m < M; m++) {
+        const float *x = A + (size_t)m * lda;
+        float *y = xp + (size_t)m * K;
+        for (int k = 0; k < K; k += TWIN_GROUP)
+            for (int i = 0; i < TWIN_GROUP / 2; i++) {
+                y[k + i] = x[k + 2 * i];
+                y[k + TWIN_GROUP / 2 + i] = x[k + 2 * i + 1];
+            }
+    }
+    return xp;
+}
+
+/* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W. */
+static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
+                      const float *A, int lda, float beta, float *C, int ldc) {
+    for (int n = n0; n < n1; n += 2) {
+        const int two = n + 1 < n1;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {
+            const float *x[4] = {A + (size_t)m * lda, A + (size_t)(m + 1) * lda,
+                                 A + (size_t)(m + 2) * lda, A + (size_t)(m + 3) * lda};
+            float s[2][4];
+            twin_rows4(t, n, x, s);
+            for (int i = 0; i < 4; i++) {
+                put(C + (size_t)(m + i) * ldc + n, s[0][i], alpha, beta);
+                if (two) put(C + (size_t)(m + i) * ldc + n + 1, s[1][i], alpha, beta);
+            }
+        }
+        for (; m < M; m++) {
+            const float *x[1] = {A + (size_t)m * lda};
+            float s[2][1];
+            twin_rows1(t, n, x, s);
+            put(C + (size_t)m * ldc + n, s[0][0], alpha, beta);
+            if (two) put(C + (size_t)m * ldc + n + 1, s[1][0], alpha, beta);
+        }
+    }
+}
+#else
+static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
+                      const float *A, int lda, float beta, float *C, int ldc) {
+    (void)t; (void)M; (void)n0; (void)n1; (void)alpha; (void)A; (void)lda; (void)beta;
+    (void)C; (void)ldc;
+    abort(); /* unreachable: twins are never registered without AVX-512 */
+}
+#endif
 
 /* A small pool of persistent workers; the calling thread takes the first share. */
 struct job {
@@ -201,6 +416,7 @@ struct job {
     float alpha, beta;
     const float *A, *B;
     float *C;
+    const struct twin *t; /* set: read the quantised twin of B */
 };
 static struct job job;
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -212,7 +428,9 @@ static int pool_pending, pool_size; /* workers started */
 static void run_part(const struct job *j, int part) {
     int per = ((j->N + j->parts - 1) / j->parts + 3) & ~3;
     int n0 = part * per, n1 = n0 + per < j->N ? n0 + per : j->N;
-    if (n0 < n1)
+    if (n0 < n1 && j->t)
+        twin_cols(j->t, j->M, n0, n1, j->alpha, j->A, j->lda, j->beta, j->C, j->ldc);
+    else if (n0 < n1)
         smallm_cols(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C,
                     j->ldc);
 }
@@ -243,7 +461,8 @@ static void after_fork_child(void) {  /* workers do not survive fork() */
 }
 
 static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int lda,
-                        const float *B, int ldb, float beta, float *C, int ldc) {
+                        const float *B, int ldb, float beta, float *C, int ldc,
+                        const struct twin *t) {
     int parts = nthreads;
     if ((long)N * K < 65536L || N < 8 * parts) parts = 1;
     if (parts > 1 && pthread_mutex_trylock(&call_mu) == 0) {
@@ -260,7 +479,7 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
             pool_size++;
         }
         if (pool_size + 1 < parts) parts = pool_size + 1;
-        job = (struct job){M, N, K, lda, ldb, ldc, parts, alpha, beta, A, B, C};
+        job = (struct job){M, N, K, lda, ldb, ldc, parts, alpha, beta, A, B, C, t};
         pool_pending = pool_size;
         pool_gen++;
         pthread_cond_broadcast(&pool_go);
@@ -272,7 +491,10 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
         pthread_mutex_unlock(&call_mu);
         return;
     }
-    smallm_cols(M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (t)
+        twin_cols(t, M, 0, N, alpha, A, lda, beta, C, ldc);
+    else
+        smallm_cols(M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
@@ -290,6 +512,19 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
     }
     if (real_sgemv && order == RowMajor && K > 0 && (ta == NoTrans || ta == Trans) &&
         (tb == NoTrans || tb == Trans)) {
+        if (ta == NoTrans && tb == Trans && M <= SMALL_M_MAX) {
+            const struct twin *t = twin_find(B, N, K, ldb);
+            float *xp = t && t->bits == 4 ? twin_permute(M, K, A, lda) : NULL;
+            if (t && (xp || t->bits == 8)) { /* x @ W^T, W registered: read its quantised bytes */
+                if (xp) smallm_gemm(M, N, K, alpha, xp, K, B, ldb, beta, C, ldc, t);
+                else smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, t);
+                free(xp);
+                twin_release();
+                if (stats) __atomic_fetch_add(&n_twin, 1, __ATOMIC_RELAXED);
+                return;
+            }
+            if (t) twin_release();
+        }
         if (M == 1) {
             /* c[n] = alpha * sum_k a[k] * op(B)[k, n] + beta * c[n] */
             int incx = (ta == NoTrans) ? 1 : lda;
@@ -314,7 +549,7 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
         }
         if (smallm && ta == NoTrans && tb == Trans && M <= SMALL_M_MAX && K >= 8 && N >= 4) {
             /* x @ W^T with a few rows: A is M x K, B is N x K, both row-major */
-            smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
             if (stats) __atomic_fetch_add(&n_small, 1, __ATOMIC_RELAXED);
             return;
         }
