@@ -262,7 +262,7 @@ def bench_extraction(lab, args) -> None:
     from mlx_steer import extract
     from mlx_steer.library import builtin_spec
 
-    specs = {name: builtin_spec(name) for name in cs}
+    specs = {c.name: builtin_spec(c.name) for c in cs}
     seed_texts = [t for sp in specs.values() for t in sp["seed_pair"]]
 
     def nocal():
@@ -272,7 +272,7 @@ def bench_extraction(lab, args) -> None:
 
     def seed():
         pooled, _ = extract.capture(lab, seed_texts)
-        return pooled[0::2] - pooled[1::2]
+        pooled[0::2] - pooled[1::2]  # the 17 vectors at every layer
 
     t = interleaved({"nocal": nocal, "seed": seed}, args.runs)
     OURS["extraction_nocal_s"], OURS["extraction_seed_s"] = med(t["nocal"]), med(t["seed"])
@@ -340,8 +340,11 @@ def bench_sweeps(lab, args) -> None:
                  f"{len(rows) * n / a:.1f}; rows == one by one: {out['b'] == out['a']}")
     # The 8 layer variants alone (no baseline row): what llama.cpp runs in turn in workload 7.
     rows8 = [(PROMPT, s) for s in lsteers]
-    t8 = interleaved({"batched": lambda: lab.generate_batch_tokens(rows8, max_tokens=n)},
-                     args.runs)
+
+    def batched8():
+        lab.generate_batch_tokens(rows8, max_tokens=n)
+
+    t8 = interleaved({"batched": batched8}, args.runs)
     OURS["sweep8_s"] = med(t8["batched"])
     row("4 sweeps", f"layer sweep: {len(rows8)} layers, no baseline, {n} tokens, one batch",
         OURS["sweep8_s"], "s", note=f"{len(rows8) * n / OURS['sweep8_s']:.1f} rows*tok/s "
@@ -447,6 +450,19 @@ def weight_bytes_per_token(lab) -> int:
     return total
 
 
+def twin_bytes_per_token(lab) -> int | None:
+    """Bytes read per token when the fast path's quantised twins are registered: the
+    twins' bytes, scales and biases in place of their float32 matrices (else None)."""
+    from mlx_steer.fastpath import twins
+
+    live = twins._LIVE.get(id(lab.model))
+    if not live:
+        return None
+    f32 = sum(w.nbytes for w, *_ in live)
+    return weight_bytes_per_token(lab) - f32 + sum(q.nbytes + s.nbytes + b.nbytes
+                                                   for _, q, s, b in live)
+
+
 def bench_bandwidth(lab, args, decode: dict | None = None) -> None:
     import mlx.core as mx
 
@@ -467,6 +483,15 @@ def bench_bandwidth(lab, args, decode: dict | None = None) -> None:
              f"{decode['plain']['cpu_ms']:.0f} ms/token = "
              f"{per_tok / 1e6 / decode['plain']['cpu_ms']:.1f} GB/s per busy core",
         bandwidth=bw, bytes_per_token=per_tok)
+    twin = twin_bytes_per_token(lab)
+    if twin:
+        tlimit = best_bw * 1e9 / twin
+        row("6 bandwidth", "batch-1 decode vs the limit for the bytes actually read "
+            "(quantised twins)", tps, "tok/s", reference=tlimit,
+            ref_label=f"{twin / 1e6:.0f} MB/token at {best_bw:.1f} GB/s", ratio=tps / tlimit,
+            target=">= 0.50", ok=tps / tlimit >= 0.5,
+            note=f"{twin / 1e6 * tps / 1e3:.1f} GB/s read: compute-bound (rebuilding the "
+                 "weights, MLX's per-op work), not bandwidth-bound", bytes_per_token=twin)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     row("6 bandwidth", "peak memory", mx.get_peak_memory() / 2**20, "MiB (MLX)",
         note=f"process peak RSS {rss:.0f} MiB (all workloads so far)", rss_mib=rss)
@@ -661,7 +686,8 @@ def bench_reference(lab, args) -> None:
                 ref_label="llama.cpp", ratio=r, target=">= 0.35x", ok=r >= 0.35,
                 note=f"llama.cpp steered (control vector) "
                      f"{llama['decode_steered']['decode_tps']:.1f} tok/s; its weights "
-                     f"{llama['bandwidth']['bytes_per_token'] / 1e6:.0f} MB/token")
+                     f"{llama.get('bandwidth', {}).get('bytes_per_token', 0) / 1e6:.0f} "
+                     "MB/token")
         if OURS.get("sweep8_s"):
             speed = var["seconds"] / OURS["sweep8_s"]
             row("7 vs llama.cpp", f"{len(var['layers'])} layer variants, "
@@ -754,12 +780,18 @@ def main(argv=None) -> int:
     decode = None
     for s in only:
         t = time.perf_counter()
-        if s == "overhead":
-            decode = bench_overhead(lab, args)
-        elif s == "bandwidth":
-            bench_bandwidth(lab, args, decode)
-        else:
-            globals()[f"bench_{s}"](lab, args)
+        try:
+            if s == "overhead":
+                decode = bench_overhead(lab, args)
+            elif s == "bandwidth":
+                bench_bandwidth(lab, args, decode)
+            else:
+                globals()[f"bench_{s}"](lab, args)
+        except Exception as e:  # one broken section must not lose the others' figures
+            import traceback
+
+            traceback.print_exc()
+            row(s, f"section {s} failed", None, "", note=f"{type(e).__name__}: {e}"[:300])
         print(f"[{s}: {time.perf_counter() - t:.0f} s, load {os.getloadavg()[0]:.1f}]",
               file=sys.stderr, flush=True)
     meta["load_after"] = os.getloadavg()[0]
