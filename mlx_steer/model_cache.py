@@ -43,10 +43,8 @@ def entry_dir(path: Path) -> Path:
 
 def load_expanded(path: Path):
     """(model, tokenizer) of a GGUF file with float32 weights, cached on disk."""
-    if not enabled():
-        return _expand(path)
-    folder = entry_dir(path)
-    if (folder / WEIGHTS).exists():
+    folder = entry_dir(path) if enabled() else None
+    if folder is not None and (folder / WEIGHTS).exists():
         try:
             return _read(folder)
         except Exception as e:  # a damaged entry: rebuild it rather than fail
@@ -54,7 +52,7 @@ def load_expanded(path: Path):
                           stacklevel=2)
     args, weights, meta = gguf_model.read(path, dequantize=True)
     spec = gguf_model.tokenizer_spec(meta)
-    if sum(v.nbytes for v in weights.values()) <= MAX_BYTES:
+    if folder is not None and sum(v.nbytes for v in weights.values()) <= MAX_BYTES:
         try:
             _write(folder, args, weights, spec)
         except OSError as e:  # a full or read-only disk only costs the speed-up
@@ -70,11 +68,6 @@ def _build(args, weights: dict):
     model = gguf_model.build_model(args, weights)
     fast_twins.attach(model, twins)
     return model
-
-
-def _expand(path: Path):
-    args, weights, meta = gguf_model.read(path, dequantize=True)
-    return _build(args, weights), gguf_model.tokenizer_from_spec(gguf_model.tokenizer_spec(meta))
 
 
 def _read(folder: Path):

