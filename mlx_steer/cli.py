@@ -384,6 +384,23 @@ def build_parser() -> Parser:
     p.add_argument("--raw", action="store_true", help="--strength is a raw multiplier")
     _sampling(p, max_tokens=40)
     p.set_defaults(func=cmd_eval)
+
+    p = command("serve", "an OpenAI-compatible server with steering per request",
+                "Serve the model over HTTP with the OpenAI API's shapes (/v1/chat/completions, "
+                "/v1/completions, /v1/models, /v1/concepts); a request's \"steering\" list "
+                "steers it alone. Concurrent requests are decoded together (continuous "
+                "batching).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive, default=8080, help="port (default 8080)")
+    p.add_argument("--max-rows", type=_positive, default=8, metavar="N",
+                   help="requests decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=_count, default=32, metavar="N",
+                   help="requests waiting at most; more get a 429 (default 32)")
+    p.add_argument("--max-request-bytes", type=_positive, default=1 << 20, metavar="N",
+                   help="largest request body; larger get a 413 (default 1 MiB)")
+    p.add_argument("--allow-raw-vectors", action="store_true",
+                   help="accept raw steering vectors (hidden-size lists) in requests")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -1030,6 +1047,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "steered minus baseline\n" + _table(srows, cols))
 
     _emit(args, obj, text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(_lab(args), args.host, args.port, args.max_rows, args.max_queue,
+          args.max_request_bytes, args.allow_raw_vectors,
+          log_level="warning" if args.quiet else "info")
     return 0
 
 

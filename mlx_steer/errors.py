@@ -59,3 +59,7 @@ class CorruptFileError(MlxSteerError, ValueError):
 
 class InvalidArgumentError(MlxSteerError, ValueError):
     """Any other argument that is out of range or malformed."""
+
+
+class ServerBusyError(MlxSteerError, RuntimeError):
+    """The server's request queue is full: try again later."""

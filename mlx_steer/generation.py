@@ -53,6 +53,27 @@ def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
             yield r.text
 
 
+def prefill(model: nn.Module, x: mx.array, caches: list,
+            prefill_step_size: int = PREFILL_STEP) -> mx.array:
+    """Run prompt(s) `x` (B, T) into `caches`; the logits (B, vocab) after the last token.
+
+    Like mlx-lm's generate_step: all but the last token in chunks, then the last one.
+    """
+    width = x.shape[1]
+    done_upto = 0
+    while width - 1 - done_upto > 0:
+        n = min(prefill_step_size, width - 1 - done_upto)
+        model(x[:, done_upto:done_upto + n], cache=caches)
+        mx.eval([c.state for c in caches])
+        done_upto += n
+    return model(x[:, -1:], cache=caches)[:, -1, :]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis, as generate_step computes them."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 @dataclass
 class RowResult:
     """One row of a batched generation."""
@@ -81,14 +102,7 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
     caches = base.make_caches(model, plans, left_padding=pads)
     x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
 
-    # Like generate_step: the prompt but its last token in chunks, then the last one.
-    done_upto = 0
-    while width - 1 - done_upto > 0:
-        n = min(prefill_step_size, width - 1 - done_upto)
-        model(x[:, done_upto:done_upto + n], cache=caches)
-        mx.eval([c.state for c in caches])
-        done_upto += n
-    logits = model(x[:, -1:], cache=caches)[:, -1, :]
+    logits = prefill(model, x, caches, prefill_step_size)
 
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
     samplers = [make_sampler(temperature, top_p, s) for s in seeds]
@@ -99,7 +113,7 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
     active = [True] * B
     first = None
     for step in range(max_tokens):
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(B)])
         if first is None:
             first = logprobs.astype(mx.float32)

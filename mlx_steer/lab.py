@@ -106,6 +106,12 @@ class Lab:
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
 
+    def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
+                      temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Raise the typed error `generate` would raise for this request (tokens given)."""
+        _check_options(max_tokens, temperature, top_p)
+        self._check(tokens, steers, max_tokens)
+
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
               chat: bool = False, prompt_len: int | None = None) -> Trace:
@@ -244,21 +250,40 @@ class Lab:
         raise ConceptNotFoundError(
             f"no concept {name!r} for {self.name}; available: {', '.join(self.concepts())}")
 
-    def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
-                 ) -> "Concept":
+    def ready_concept(self, name: str) -> "Concept | None":
+        """`concept(name)` when that needs no extraction (saved, or a built-in already
+        cached for this model), else None."""
+        from .library import validate_name
+
+        name = validate_name(name)
+        if name in self.library:
+            return self.library.load(name)
+        return self._cached_builtin(name) if name in self.builtins() else None
+
+    def _cached_builtin(self, name: str) -> "Concept | None":
         from .errors import CorruptFileError
         from .library import Library, builtin_spec, spec_digest
 
         cache = Library(self.fingerprint, self.name, sub="builtin")
-        spec = builtin_spec(name)
-        digest = spec_digest(spec)
         if name in cache:
             try:
                 c = cache.load(name)
-                if c.extra.get("spec_digest") == digest:
+                if c.extra.get("spec_digest") == spec_digest(builtin_spec(name)):
                     return c
             except CorruptFileError:
-                pass  # recomputed below
+                pass  # recomputed by _builtin
+        return None
+
+    def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
+                 ) -> "Concept":
+        from .library import Library, builtin_spec, spec_digest
+
+        c = self._cached_builtin(name)
+        if c is not None:
+            return c
+        cache = Library(self.fingerprint, self.name, sub="builtin")
+        spec = builtin_spec(name)
+        digest = spec_digest(spec)
         c = self.extract(name, spec["pairs"], method="mean", read="last",
                          chat=spec.get("template") == "chat", progress=progress,
                          category=spec.get("category", "builtin"),

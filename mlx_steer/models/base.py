@@ -165,3 +165,42 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
 
 def new_kv_cache() -> KVCache:
     return KVCache()
+
+
+# ---- continuous batching: rows join and leave a running batch ----------------------
+
+
+def attach_plans(caches: list, plans: dict[int, LayerPlan]) -> None:
+    """Give each layer's cache its plan (or none): after rows joined or left."""
+    for i, c in enumerate(caches):
+        c.steer = plans.get(i)
+
+
+def as_batch_row(caches: list) -> list:
+    """A lone request's per-layer `KVCache`s (after its prefill) as one-row
+    `BatchKVCache`s, ready to join a running batch. Offsets stay the row's own."""
+    return [BatchKVCache.merge([c]) for c in caches]
+
+
+def join_batch(running: list | None, new: list) -> list:
+    """Append the rows of batch caches `new` to `running` (in place; None: start one).
+
+    mlx-lm pads the shorter side on the left; each row's `offset` (its absolute
+    position) is kept, so steering windows stay per row.
+    """
+    if running is None:
+        return new
+    for c, n in zip(running, new):
+        c.extend(n)
+    return running
+
+
+def keep_rows(caches: list, rows: Sequence[int]) -> list | None:
+    """Keep only batch rows `rows` (in place); None when no row is left."""
+    if not rows:
+        return None
+    idx = mx.array(list(rows), dtype=mx.int32)
+    for c in caches:
+        c.filter(idx)
+    return caches
+
