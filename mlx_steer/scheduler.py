@@ -206,25 +206,31 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     return
-                new = []
-                while self._queue and len(self._rows) + len(new) < self.max_rows:
-                    new.append(self._queue.popleft())
-            try:
-                with self.lock:
-                    self._drop_cancelled()
-                    for job in new:
-                        self._admit(job)
-                    if self._rows:
-                        self._step()
-            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-                msg = f"generation failed: {type(e).__name__}: {e}"
-                jobs = {id(j): j for j in new + [r.job for r in self._rows]}
-                for job in jobs.values():
-                    if not job.finished:
-                        job.finished = True
-                        job.sink(Event("error", msg))
-                        self.counters["failed"] += 1
-                self._rows, self._caches = [], None
+            self.tick()
+
+    def tick(self) -> None:
+        """One token boundary: drop cancelled rows, admit queued requests, decode one
+        step. The engine thread calls it in a loop; without `start`, a caller can."""
+        with self._cv:
+            new = []
+            while self._queue and len(self._rows) + len(new) < self.max_rows:
+                new.append(self._queue.popleft())
+        try:
+            with self.lock:
+                self._drop_cancelled()
+                for job in new:
+                    self._admit(job)
+                if self._rows:
+                    self._step()
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+            msg = f"generation failed: {type(e).__name__}: {e}"
+            jobs = {id(j): j for j in new + [r.job for r in self._rows]}
+            for job in jobs.values():
+                if not job.finished:
+                    job.finished = True
+                    job.sink(Event("error", msg))
+                    self.counters["failed"] += 1
+            self._rows, self._caches = [], None
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
