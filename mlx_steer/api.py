@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import (EmptyPromptError, InvalidArgumentError, InvalidStrengthError,
@@ -193,13 +193,13 @@ def parse_steering(lab: "Lab", items: Any, allow_raw_vectors: bool = False) -> l
                     f"{where}: vector must be a list of {lab.hidden_size} numbers")
             if layer is None:
                 raise LayerOutOfRangeError(f"{where}: a raw vector needs a layer")
-            steers.append(Steer(vec, layer, 1.0 if strength is None else strength,
-                                positions, **extra))
+            steers.append(Steer(vec, layer, strength=1.0 if strength is None else strength,
+                                positions=positions, **extra))
             continue
         concept = lab.concept(item["concept"])
         s = concept.steer(layer, strength, relative=relative, positions=positions)
         if extra:
-            s = Steer(s.vector, s.layer, s.strength, s.positions, s.model_fingerprint, **extra)
+            s = replace(s, **extra)
         steers.append(s)
     return steers
 

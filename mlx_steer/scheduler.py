@@ -118,7 +118,8 @@ class Scheduler:
     Args:
         model, tokenizer: a steerable mlx-lm model (`base.install`) and its tokenizer.
         max_rows: rows decoded together at most; more requests wait in the queue.
-        max_queue: requests waiting at most; `submit` raises `ServerBusyError` past it.
+        max_queue: requests waiting for a row at most; `submit` raises
+            `ServerBusyError` past it (0: only as many requests as there are free rows).
         lock: held for each step (default: a private lock).
     """
 
@@ -154,7 +155,8 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise ServerBusyError("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            free = max(0, self.max_rows - len(self._rows))
+            if len(self._queue) >= self.max_queue + free:
                 raise ServerBusyError(
                     f"the request queue is full ({self.max_queue} waiting, "
                     f"{len(self._rows)} rows decoding): try again later")

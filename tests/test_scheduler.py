@@ -134,3 +134,15 @@ def test_engine_thread_serves_and_closes(tiny):
     sched.close()
     with pytest.raises(ServerBusyError):
         sched.submit(Job([1], [], 1, sink))
+
+
+def test_queue_bound_counts_only_requests_waiting_for_a_row(tiny):
+    sched = Scheduler(tiny.model, tiny.tokenizer, max_rows=2, max_queue=0)
+    sched.submit(job(tiny, "Hi", max_tokens=3)[0])
+    sched.submit(job(tiny, "Hi", max_tokens=3)[0])  # two free rows: neither waits
+    with pytest.raises(ServerBusyError):
+        sched.submit(job(tiny, "Hi", max_tokens=3)[0])
+    run(sched)
+    sched.submit(job(tiny, "Hi", max_tokens=3)[0])  # rows free again
+    run(sched)
+    assert sched.stats()["finished"] == 3
