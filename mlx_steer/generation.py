@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import prefix
 from .models import base
 from .steer import Steer
 
@@ -53,20 +54,84 @@ def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
             yield r.text
 
 
+def feed(model: nn.Module, x: mx.array, caches: list,
+         prefill_step_size: int = PREFILL_STEP) -> None:
+    """Run tokens `x` (B, T) into `caches` in chunks, without computing logits."""
+    for start in range(0, x.shape[1], prefill_step_size):
+        model(x[:, start:start + prefill_step_size], cache=caches)
+        mx.eval([c.state for c in caches])
+
+
 def prefill(model: nn.Module, x: mx.array, caches: list,
             prefill_step_size: int = PREFILL_STEP) -> mx.array:
     """Run prompt(s) `x` (B, T) into `caches`; the logits (B, vocab) after the last token.
 
     Like mlx-lm's generate_step: all but the last token in chunks, then the last one.
     """
-    width = x.shape[1]
-    done_upto = 0
-    while width - 1 - done_upto > 0:
-        n = min(prefill_step_size, width - 1 - done_upto)
-        model(x[:, done_upto:done_upto + n], cache=caches)
-        mx.eval([c.state for c in caches])
-        done_upto += n
+    feed(model, x[:, :-1], caches, prefill_step_size)
     return model(x[:, -1:], cache=caches)[:, -1, :]
+
+
+def _prefill_padded(model: nn.Module, toks: Sequence[list[int]],
+                    rows: Sequence[Sequence[Steer]], prefill_step_size: int
+                    ) -> tuple[list, mx.array]:
+    """Rows prefilled together, left-padded: (batch caches, last logits)."""
+    lens = [len(t) for t in toks]
+    width = max(lens)
+    pads = [width - n for n in lens]
+    caches = base.make_caches(model, base.build_plans(rows, lens), left_padding=pads)
+    x = mx.array([[0] * p + list(t) for p, t in zip(pads, toks)])
+    return caches, prefill(model, x, caches, prefill_step_size)
+
+
+def _prefill_shared(model: nn.Module, tokens: list[int], rows: Sequence[Sequence[Steer]],
+                    shared: int, prefill_step_size: int) -> tuple[list, mx.array]:
+    """Rows with one prompt whose steering agrees on positions < `shared`: those
+    positions are prefilled once (with the first row's steering, the same for all
+    there), the cache is forked, and the rest of the prompt runs for every row."""
+    n, length = len(rows), len(tokens)
+    x = mx.array(tokens)[None]
+    caches = base.make_caches(model, base.build_plans(rows[:1], [length]), left_padding=[0])
+    if shared >= length:
+        logits = prefill(model, x, caches, prefill_step_size)
+        return base.fork_rows(caches, n), mx.repeat(logits, n, axis=0)
+    feed(model, x[:, :shared], caches, prefill_step_size)
+    caches = base.fork_rows(caches, n)
+    base.attach_plans(caches, base.build_plans(rows, [length] * n))
+    return caches, prefill(model, mx.repeat(x[:, shared:], n, axis=0), caches,
+                           prefill_step_size)
+
+
+def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
+                  rows: Sequence[Sequence[Steer]],
+                  prefill_step_size: int = PREFILL_STEP) -> tuple[list, mx.array]:
+    """Prefill a batch: (left-padded batch caches carrying the rows' plans, logits (B, vocab)).
+
+    Rows with the same prompt share its prefill up to the first position where
+    their steering differs (`prefix.plan`); the others run left-padded together.
+    """
+    groups, solo = prefix.plan(toks, rows)
+    if not groups:
+        return _prefill_padded(model, toks, rows, prefill_step_size)
+    parts = []  # (batch rows, caches, logits)
+    if solo:
+        parts.append((solo, *_prefill_padded(model, [toks[i] for i in solo],
+                                             [rows[i] for i in solo], prefill_step_size)))
+    for g in groups:
+        parts.append((list(g.rows), *_prefill_shared(
+            model, list(toks[g.rows[0]]), [rows[i] for i in g.rows], g.shared,
+            prefill_step_size)))
+    caches = None
+    for _, c, _ in parts:
+        caches = base.join_batch(caches, c)
+    logits = mx.concatenate([lg for _, _, lg in parts])
+    order = [i for idx, _, _ in parts for i in idx]
+    where = [order.index(i) for i in range(len(toks))]  # row i is at where[i]
+    if where != list(range(len(toks))):
+        base.keep_rows(caches, where)
+        logits = logits[mx.array(where)]
+    base.attach_plans(caches, base.build_plans(rows, [len(t) for t in toks]))
+    return caches, logits
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -91,18 +156,13 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
           prefill_step_size: int = PREFILL_STEP) -> list[RowResult]:
     """Decode all rows together: left-padded, each with its own steering and sampler.
 
+    Rows with the same prompt prefill it once, up to where their steering differs.
+
     `seed` is one seed for every row (each row then draws what a lone request
     with that seed would) or one seed per row.
     """
     B = len(toks)
-    lens = [len(t) for t in toks]
-    width = max(lens)
-    pads = [width - n for n in lens]
-    plans = base.build_plans(rows, lens)
-    caches = base.make_caches(model, plans, left_padding=pads)
-    x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
-
-    logits = prefill(model, x, caches, prefill_step_size)
+    caches, logits = prefill_batch(model, toks, rows, prefill_step_size)
 
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
     samplers = [make_sampler(temperature, top_p, s) for s in seeds]

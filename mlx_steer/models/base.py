@@ -195,8 +195,14 @@ def join_batch(running: list | None, new: list) -> list:
     return running
 
 
+def fork_rows(caches: list, n: int) -> list:
+    """`n` copies of the one row of batch caches `caches` (after a shared prefill)
+    as new `n`-row batch caches; the original is left as it is."""
+    return [BatchKVCache.merge([c.extract(0)] * n) for c in caches]
+
+
 def keep_rows(caches: list, rows: Sequence[int]) -> list | None:
-    """Keep only batch rows `rows` (in place); None when no row is left."""
+    """Keep only batch rows `rows`, in that order (in place); None when no row is left."""
     if not rows:
         return None
     idx = mx.array(list(rows), dtype=mx.int32)

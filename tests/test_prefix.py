@@ -1,0 +1,104 @@
+"""Shared prompt prefixes: rows that share a prompt prefill it once and fork the cache;
+every forked row still equals the same request run alone."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_steer import Steer, generation, prefix
+from mlx_steer.models import base
+
+PROMPT = "The meeting went on for a long time and nobody knew why"
+
+
+def vec(n, seed, scale=2.0):
+    return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+
+
+def test_shared_length_follows_the_steering_windows():
+    v, w = vec(8, 1), vec(8, 2)
+    L = 20
+    assert prefix.shared_length([[], [Steer(v, 1, positions="generated")]], L) == L
+    assert prefix.shared_length([[], [Steer(v, 1)]], L) == 1  # "all": position 0 only
+    assert prefix.shared_length([[], [Steer(v, 1, positions=7)]], L) == 7
+    assert prefix.shared_length([[Steer(v, 1, positions=9)], [Steer(v, 2, positions=4)]],
+                                L) == 4
+    # identical steering never differs; strength 0 is no steering
+    assert prefix.shared_length([[Steer(v, 1)], [Steer(v, 1)]], L) == L
+    assert prefix.shared_length([[], [Steer(v, 1, 0.0)]], L) == L
+    # a common term does not end the shared part; a different one does
+    assert prefix.shared_length([[Steer(v, 1, positions=3)],
+                                 [Steer(v, 1, positions=3), Steer(w, 1, positions=12)]],
+                                L) == 12
+    # the same terms in another order may round differently: not shared
+    assert prefix.shared_length([[Steer(v, 1, positions=3), Steer(w, 1, positions=3)],
+                                 [Steer(w, 1, positions=3), Steer(v, 1, positions=3)]],
+                                L) == 3
+    # "prompt" steers 1..L-1 only: a row steered there differs from position 1
+    assert prefix.shared_length([[], [Steer(v, 1, positions="prompt")]], L) == 1
+
+
+def test_plan_groups_rows_by_prompt():
+    v = vec(8, 1)
+    toks = [[1, 2, 3, 4], [1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6]]
+    rows = [[], [Steer(v, 0, positions="generated")], [], [Steer(v, 2, positions=3)],
+            [Steer(v, 1)]]
+    groups, solo = prefix.plan(toks, rows)
+    assert groups == [prefix.Group((0, 1, 3), 3)]
+    assert solo == [2, 4]  # [5, 6] rows differ from position 1: nothing worth sharing
+
+
+def _alone_logprobs(lab, tokens, steers):
+    alone = lab.trace(tokens, steers).logits[-1]
+    return alone - np.log(np.exp(alone - alone.max()).sum()) - alone.max()
+
+
+@pytest.mark.parametrize("positions", ["generated", 6, "all"])
+def test_forked_rows_equal_rows_prefilled_alone(tiny, positions):
+    v, w = vec(tiny.hidden_size, 1), vec(tiny.hidden_size, 2)
+    rows = [
+        (PROMPT, None),
+        (PROMPT, Steer(v, 1, 1.0, positions)),
+        (PROMPT, Steer(w, 2, 1.5, positions)),
+        ("Something else entirely", Steer(v, 0, 1.0)),
+        (PROMPT, [Steer(v, 1, 1.0, positions), Steer(w, 3, 0.5, "generated")]),
+        (PROMPT, Steer(v, 1, 0.0)),
+    ]
+    toks = [tiny.encode(p, chat=True) for p, _ in rows]
+    steers = [[] if s is None else ([s] if isinstance(s, Steer) else s) for _, s in rows]
+    groups, _ = prefix.plan(toks, steers)
+    if positions == "all":
+        # rows differ from position 1, but rows steered alike inside the prompt (the
+        # unsteered 0 and 5; 1 and 4, whose second steer is for generated tokens only)
+        # share all of it
+        L = len(toks[0])
+        assert groups == [prefix.Group((0, 5), L), prefix.Group((1, 4), L)]
+    else:
+        k = len(toks[0]) if positions == "generated" else 6
+        assert groups == [prefix.Group((0, 1, 2, 4, 5), k)]
+    # small chunks so that the shared part and the rest each take several
+    batched = generation.batch(tiny.model, tiny.tokenizer, toks, steers, 8, 0.0, 1.0, None,
+                               prefill_step_size=4)
+    for (prompt, steer), t, row in zip(rows, toks, batched):
+        assert row.text == tiny.generate(prompt, steer, max_tokens=8)
+        np.testing.assert_allclose(row.first_logprobs, _alone_logprobs(tiny, t, steer),
+                                   atol=1e-4)
+    assert batched[0].text == batched[5].text
+    assert batched[0].text != batched[1].text
+
+
+def test_fork_rows_copies_the_cache(tiny):
+    tokens = tiny.encode(PROMPT, chat=True)
+    caches = base.make_caches(tiny.model, left_padding=[0])
+    logits = generation.prefill(tiny.model, mx.array(tokens)[None], caches)
+    forked = base.fork_rows(caches, 3)
+    for c0, c in zip(caches, forked):
+        k0, _ = c0.keys_and_values()
+        k, _ = c.keys_and_values()
+        assert k.shape[0] == 3 and np.array_equal(np.array(k[2:3]), np.array(k0))
+        assert c.offset.tolist() == [len(tokens)] * 3
+    y = mx.array([[7], [7], [9]])
+    out = tiny.model(y, cache=forked)[:, -1, :]
+    again = tiny.model(mx.array([[7]]), cache=caches)[:, -1, :]
+    np.testing.assert_allclose(np.array(out[0]), np.array(again[0]), atol=1e-5)
+    assert logits.shape[0] == 1
