@@ -16,8 +16,15 @@ hits both sides alike:
   bandwidth   6. batch-1 decode tok/s against the memory-bandwidth limit (bytes of
                  weights read per token / measured read bandwidth), peak memory
   prefill        prefill tok/s of a ~400-token prompt by chunk size (128 ... 2048)
+  shared         a layer sweep's prefill (baseline + 8 layers, one 400-token prompt)
+                 with the shared prompt prefix computed once, against one row's
+                 prefill and against every row prefilled (steering "generated" tokens,
+                 then "all", which differs from position 1 and shares nothing)
   preload        batch-1 decode in child processes: MLX's BLAS, OpenBLAS,
                  OpenBLAS + sgemv shim, + tcmalloc (the fast CPU path, Linux)
+  blas           the BLAS behind the shim, in child processes: Debian's OpenBLAS, PyPI's
+                 scipy-openblas32 and (--mkl PATH to libmkl_rt of PyPI's `mkl` wheel)
+                 MKL: 400-token prefill, batch-1 and 16-row decode, greedy tokens
   reference   7. the same machine and GGUF through other tools, in child processes of the
                  `bench` extra's interpreter (`make bench-setup`; --reference-python):
                  the original lab's method in PyTorch + transformers (forward hooks,
@@ -56,9 +63,9 @@ from typing import Callable
 from bench_common import cpu_seconds, machine, sweep_layers
 
 SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
-            "prefill", "preload", "reference")
+            "prefill", "shared", "preload", "blas", "reference")
 DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill",
-           "reference")
+           "shared", "reference")
 NEEDED_BY_REFERENCE = ("overhead", "extraction", "compare", "sweeps")
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -524,6 +531,55 @@ def bench_prefill(lab, args) -> None:
             ratio=med(t[2048]) / med(t[s]), note="fastest" if s == best else "")
 
 
+# ---- shared prompt prefix -------------------------------------------------------------
+
+def bench_shared(lab, args) -> None:
+    """A layer sweep (baseline + 8 layers) over one ~400-token prompt: the batch's
+    prefill with the shared prefix computed once, vs one row's prefill and vs every
+    row prefilled (the batch path before sharing)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_steer import Steer, generation, prefix
+    from mlx_steer.steer import as_steers
+
+    text = " ".join(["The history of bread baking spans thousands of years, from flatbreads "
+                     "in ancient Egypt to sourdough in medieval Europe."] * 24)
+    toks = lab.encode(text)[:400]
+    steers, _ = demo_steers(lab, layers=sweep_layers(lab.num_layers))
+    for positions in ("generated", "all"):
+        rows = [[]] + [[Steer(s.vector, s.layer, s.strength, positions)] for s in steers]
+        T = [toks] * len(rows)
+        groups, solo = prefix.plan(T, rows)
+        out = {}
+
+        def shared(rows=rows, T=T):
+            c, lg = generation.prefill_batch(lab.model, T, rows)
+            mx.eval(lg, [x.state for x in c])
+            out["shared"] = np.array(lg)
+
+        def unshared(rows=rows, T=T):  # every row prefilled, left-padded (no sharing)
+            c, lg = generation._prefill_padded(lab.model, T, rows, generation.PREFILL_STEP)
+            mx.eval(lg, [x.state for x in c])
+            out["unshared"] = np.array(lg)
+
+        def one():
+            c, lg = generation.prefill_batch(lab.model, [toks], [as_steers(None)])
+            mx.eval(lg, [x.state for x in c])
+
+        t = interleaved({"one": one, "shared": shared, "unshared": unshared}, args.runs)
+        o, sh, un = med(t["one"]), med(t["shared"]), med(t["unshared"])
+        diff = float(np.abs(out["shared"] - out["unshared"]).max())
+        same = bool((out["shared"].argmax(-1) == out["unshared"].argmax(-1)).all())
+        row("shared", f"layer sweep, {len(rows)} rows (positions={positions!r}), "
+            f"{len(toks)}-token shared prompt: prefill", sh, "s", reference=o,
+            ref_label="one row's prefill", ratio=sh / o,
+            target="<= 1.3x" if positions == "generated" else "",
+            ok=(sh / o <= 1.3) if positions == "generated" else None,
+            note=f"groups {[(len(g.rows), g.shared) for g in groups]}, {len(solo)} rows alone; "
+                 f"every row prefilled: {un:.2f} s ({un / o:.2f}x one row); last logits vs "
+                 f"every row prefilled: max |diff| {diff:.2g}, same argmax {same}")
+
+
 # ---- the fast path: preloads in child processes ------------------------------------------
 
 PRELOAD_CHILD = textwrap.dedent("""
@@ -601,6 +657,91 @@ def bench_preload(lab, args) -> None:
             row("preload", f"{B}-row batched decode, {name}", tps, "rows*tok/s",
                 reference=bref, ref_label="OpenBLAS", ratio=tps / bref,
                 note=f"CPU {med([r['cpu_ms_step'] for r in rs]):.0f} ms/step", runs=rs)
+
+
+# ---- which BLAS behind the shim (the fast path without root) ------------------------------
+
+BLAS_CHILD = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import mlx.core as mx
+    import bench
+    from mlx_steer import fastpath, generation
+    from mlx_steer.models import base
+    lab = bench.load_lab(sys.argv[2] or None)
+    runs = int(sys.argv[3])
+    text = " ".join(["The history of bread baking spans thousands of years, from flatbreads "
+                     "in ancient Egypt to sourdough in medieval Europe."] * 24)
+    toks = lab.encode(text)[:400]
+    def prefill():
+        caches = base.make_caches(lab.model)
+        t = time.perf_counter()
+        mx.eval(generation.prefill(lab.model, mx.array(toks)[None], caches))
+        return len(toks) / (time.perf_counter() - t)
+    pre = [prefill() for _ in range(runs + 1)][1:]
+    dec = [bench.decode_once(lab, None, 32)["tps"] for _ in range(runs + 1)][1:]
+    rows = [(bench.PROMPT, None)] * 16
+    b16 = [bench.batch_decode_once(lab, rows, 12)["rows_tps"] for _ in range(runs + 1)][1:]
+    greedy = lab.generate_batch_tokens([(bench.PROMPT, None), ("Name a fruit.", None)],
+                                       max_tokens=12)
+    print("BENCH " + json.dumps({"prefill": pre, "decode": dec, "b16": b16,
+                                 "tokens": [r.tokens for r in greedy],
+                                 "describe": fastpath.describe()}))
+""")
+
+
+def bench_blas(lab, args) -> None:
+    """Debian's OpenBLAS vs PyPI's scipy-openblas32 vs MKL's wheel (--mkl), each behind
+    the shim with tcmalloc, in child processes interleaved round by round: prefill of a
+    400-token prompt (sgemm), batch-1 decode, 16-row decode (above the few-row kernel)."""
+    from mlx_steer import fastpath
+
+    if not sys.platform.startswith("linux"):
+        row("blas", "BLAS candidates", None, "tok/s", note="Linux only")
+        return
+    shim, tc = fastpath.build(), fastpath.tcmalloc()
+    tail = [tc] if tc else []
+    cfgs = {}
+    debian = fastpath.openblas()
+    if debian and shim:
+        cfgs["Debian OpenBLAS"] = ([shim, debian, *tail], {})
+    env_pypi = {fastpath.BLAS_ENV: "pypi"}
+    pypi = fastpath.pypi_openblas()
+    if pypi and shim:
+        cfgs["PyPI scipy-openblas32"] = ([shim, pypi, *tail], env_pypi)
+    if args.mkl and shim:
+        cfgs["PyPI mkl (libmkl_rt)"] = ([shim, Path(args.mkl), *tail],
+                                        {**env_pypi, "MKL_THREADING_LAYER": "GNU"})
+    if not cfgs:
+        row("blas", "BLAS candidates", None, "tok/s", note="no candidate BLAS or no shim")
+        return
+    base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    res: dict[str, dict[str, list]] = {k: {"prefill": [], "decode": [], "b16": []}
+                                       for k in cfgs}
+    tokens, described = {}, {}
+    for _ in range(args.preload_rounds):
+        for name, (libs, extra) in cfgs.items():
+            env = {**base_env, **extra, "LD_PRELOAD": ":".join(map(str, libs))}
+            p = subprocess.run([sys.executable, "-c", BLAS_CHILD, str(Path(__file__).parent),
+                                args.model or "", str(args.runs)],
+                               env=env, capture_output=True, text=True, timeout=3600)
+            if p.returncode != 0:
+                raise RuntimeError(f"{name}: {p.stderr[-2000:]}")
+            got = json.loads(next(x for x in p.stdout.splitlines()
+                                  if x.startswith("BENCH "))[6:])
+            for k in res[name]:
+                res[name][k] += got[k]
+            tokens[name], described[name] = got["tokens"], got["describe"]
+    ref = next(iter(cfgs))
+    for key, what, unit in (("prefill", "prefill, 400-token prompt", "tok/s"),
+                            ("decode", "batch-1 decode, 32 tokens", "tok/s"),
+                            ("b16", "16-row batched decode", "rows*tok/s")):
+        r0 = med(res[ref][key])
+        for name in cfgs:
+            v = med(res[name][key])
+            row("blas", f"{what}, {name} + shim", v, unit, reference=r0, ref_label=ref,
+                ratio=v / r0, note=f"greedy tokens == {ref}'s: "
+                f"{tokens[name] == tokens[ref]}; {described[name]}", runs=res[name][key])
 
 
 # ---- 7. the original's method and llama.cpp -----------------------------------------------
@@ -739,7 +880,9 @@ def main(argv=None) -> int:
                     help="interpreter with the `bench` extra for workload 7 (default: "
                          ".venv-bench/bin/python when present, else this one)")
     ap.add_argument("--preload-rounds", type=int, default=2,
-                    help="rounds over the preload configurations")
+                    help="rounds over the preload (and blas) configurations")
+    ap.add_argument("--mkl", default=None, metavar="PATH",
+                    help="libmkl_rt.so of PyPI's `mkl` wheel, measured in section blas")
     args = ap.parse_args(argv)
     only = SECTIONS if args.only == "all" else tuple(s.strip() for s in args.only.split(","))
     bad = set(only) - set(SECTIONS)
