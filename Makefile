@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mlx-steer-installed
 PYTHON ?= python3
 # Fast CPU path (Linux only, optional): MLX's wheel bundles a reference BLAS, so preload
-# Debian's OpenBLAS, a one-row sgemm->sgemv shim compiled here, and tcmalloc when present.
+# Debian's OpenBLAS (else the scipy-openblas32 wheel's), a shim compiled here, and tcmalloc.
 # `python -m mlx_steer.fastpath` prints nothing where none of it applies (macOS, no OpenBLAS).
 PRELOAD = $(shell $(PY) -m mlx_steer.fastpath 2>/dev/null)
 RUN     = $(if $(strip $(PRELOAD)),env LD_PRELOAD=$(PRELOAD),env)

@@ -25,3 +25,10 @@ def tiny(request):
     from tiny import tiny_lab
 
     return tiny_lab(request.param)
+
+
+def pytest_report_header(config):
+    """Which fast CPU path this test run has (`make test` preloads it)."""
+    from mlx_steer import fastpath
+
+    return fastpath.describe()

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(r'''
     from mlx_lm.generate import generate_step
 
     out = sys.argv[1]
-    info = {"loaded": fastpath.loaded()}
+    info = {"loaded": fastpath.loaded(), "describe": fastpath.describe()}
     arrays = {}
 
     # 1. MLX matmuls of the shapes the shim rewrites, against float64 numpy.
@@ -193,24 +193,35 @@ CHILD = textwrap.dedent(r'''
 ''')
 
 
-def _fast_env() -> dict[str, str] | None:
-    env = fastpath.preload_env(shim=True)
+def _fast_env(blas: str = "auto") -> dict[str, str] | None:
+    """The preload for `blas` (MLX_STEER_BLAS: auto, system or pypi), or None."""
+    before = os.environ.get(fastpath.BLAS_ENV)
+    os.environ[fastpath.BLAS_ENV] = blas
+    try:
+        env = fastpath.preload_env(shim=True)
+    finally:
+        if before is None:
+            del os.environ[fastpath.BLAS_ENV]
+        else:
+            os.environ[fastpath.BLAS_ENV] = before
     if not env or fastpath.shim_path().name not in env["LD_PRELOAD"]:
         return None
-    return env
+    return {**env, fastpath.BLAS_ENV: blas}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     if not sys.platform.startswith("linux"):
         pytest.skip("the fast CPU path is Linux-only")
-    if fastpath.openblas() is None:
-        pytest.skip("Debian's OpenBLAS (libopenblas0-pthread) is not installed")
+    if fastpath.openblas() is None and fastpath.pypi_openblas() is None:
+        pytest.skip("neither Debian's OpenBLAS (libopenblas0-pthread) nor scipy-openblas32")
     if fastpath.compiler() is None:
         pytest.skip("no C compiler to build the sgemv shim")
     fast = _fast_env()
     if fast is None:
         pytest.skip("the sgemv shim could not be built")
+    # PyPI's OpenBLAS, as a user without Debian's gets it (Debian's set aside by the env)
+    pypi = _fast_env("pypi") if fastpath.pypi_openblas() is not None else None
     d = tmp_path_factory.mktemp("fastpath")
     script = d / "child.py"
     script.write_text(CHILD)
@@ -219,8 +230,11 @@ def runs(tmp_path_factory):
     base_env.setdefault("HF_HUB_OFFLINE", "1")
     out = {}
     stats = {**fast, "MLX_STEER_SHIM_STATS": "1"}
-    for name, extra in (("plain", {}), ("fast", stats),
-                        ("fast_f32", {**stats, "MLX_STEER_SHIM_TWINS": "0"})):
+    configs = [("plain", {}), ("fast", stats),
+               ("fast_f32", {**stats, "MLX_STEER_SHIM_TWINS": "0"})]
+    if pypi is not None:
+        configs.append(("pypi", {**pypi, "MLX_STEER_SHIM_STATS": "1"}))
+    for name, extra in configs:
         p = subprocess.run([sys.executable, str(script), str(d / name)],
                            env={**base_env, **extra}, capture_output=True, text=True,
                            timeout=300)
@@ -250,6 +264,17 @@ def test_preload_took_effect(runs):
         assert fast["model_twins"] == 7 * 30 + 1 and twin > 1000 and gemm > 0
 
 
+def test_pypi_openblas_serves_mlx(runs):
+    """Without Debian's OpenBLAS the shim forwards to PyPI's prefixed one."""
+    if "pypi" not in runs:
+        pytest.skip("scipy-openblas32 is not installed")
+    info, _, stderr = runs["pypi"]
+    assert info["loaded"]["pypi_openblas"] and info["loaded"]["openblas"] and info["shim"]
+    assert "OpenBLAS from PyPI" in info["describe"]
+    gemv, small, twin, gemm = _shim_counts(stderr)
+    assert gemv > 1000 and gemm > 0  # both forwarded to scipy_cblas_*: the run finished
+
+
 def test_quantised_twins_compute_exactly(runs):
     if not runs["fast"][0]["twins"]:
         pytest.skip("quantised twins need AVX-512")
@@ -260,16 +285,20 @@ def test_shim_computes_every_layout(runs):
     assert runs["fast"][0]["sgemm_errors"] == []
 
 
-@pytest.mark.parametrize("which", ["plain", "fast"])
+@pytest.mark.parametrize("which", ["plain", "fast", "pypi"])
 def test_mlx_matmuls_exact(runs, which):
+    if which not in runs:
+        pytest.skip("scipy-openblas32 is not installed")
     arrays = runs[which][1]
     for k, d in arrays.items():
         if k.startswith("mm_"):
             assert np.abs(d).max() < 1e-4, (which, k)
 
 
-@pytest.mark.parametrize("fast", ["fast", "fast_f32"])
+@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi"])
 def test_same_tokens(runs, fast):
+    if fast not in runs:
+        pytest.skip("scipy-openblas32 is not installed")
     (p, _, _), (f, _, _) = runs["plain"], runs[fast]
     assert p["plain"] == f["plain"]
     assert p["steered"] == f["steered"]
@@ -278,8 +307,10 @@ def test_same_tokens(runs, fast):
     assert p["batch"][0] == p["plain"][:6] and p["batch"][1] == p["steered"][:6]
 
 
-@pytest.mark.parametrize("fast", ["fast", "fast_f32"])
+@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi"])
 def test_same_logprobs(runs, fast):
+    if fast not in runs:
+        pytest.skip("scipy-openblas32 is not installed")
     p, f = runs["plain"][1], runs[fast][1]
     for k in ("plain", "steered", "batch_first", "logits"):
         assert p[k].shape == f[k].shape, k
@@ -305,7 +336,7 @@ def test_no_compiler_falls_back_to_openblas(monkeypatch, tmp_path):
     assert fastpath.build(tmp_path) is None
     blas = fastpath.openblas()
     env = fastpath.preload_env(dest=tmp_path)
-    if blas is None:
+    if blas is None:  # PyPI's OpenBLAS is of no use without the shim
         assert env == {}
     else:
         assert env["LD_PRELOAD"].split(":")[0] == str(blas)
@@ -332,7 +363,20 @@ def test_stale_entries_are_replaced(monkeypatch, tmp_path):
 
 def test_no_openblas_means_nothing(monkeypatch):
     monkeypatch.setattr(fastpath, "openblas", lambda: None)
+    monkeypatch.setattr(fastpath, "pypi_openblas", lambda: None)
     assert fastpath.preload_env() == {}
+
+
+def test_blas_choice_by_env(monkeypatch, tmp_path):
+    if fastpath.pypi_openblas() is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    monkeypatch.setenv(fastpath.BLAS_ENV, "pypi")
+    assert fastpath.openblas() is None
+    libs = fastpath.preload_env(shim=False, dest=tmp_path)["LD_PRELOAD"].split(":")
+    # the prefixed library needs the shim in front of it, even when asked for none
+    assert fastpath.SHIM_NAME in libs[0] and libs[1] == str(fastpath.pypi_openblas())
+    monkeypatch.setenv(fastpath.BLAS_ENV, "system")
+    assert fastpath.pypi_openblas() is None
 
 
 def test_bad_compiler_falls_back(monkeypatch, tmp_path):

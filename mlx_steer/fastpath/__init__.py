@@ -2,7 +2,10 @@
 
 MLX's Linux CPU wheel links a bundled reference BLAS, whose matrix products are
 many times slower than an optimised BLAS. Preloading Debian's OpenBLAS
-(`libopenblas0-pthread`) replaces it. A small shim compiled here at set-up
+(`libopenblas0-pthread`) replaces it. Where that is not installed (no root), the
+OpenBLAS of PyPI's `scipy-openblas32` wheel (a dependency on Linux) is used instead:
+its CBLAS symbols carry a `scipy_` prefix, so it replaces nothing by itself and the
+shim below forwards MLX's products to it. A small shim compiled here at set-up
 (`sgemv_shim.c`, with the system C compiler) goes in front of it and sends
 MLX's one-row `cblas_sgemm` calls (batch-1 decoding) to `cblas_sgemv`, and
 few-row ones (batched decoding of 2-12 rows) to a kernel that streams each
@@ -19,7 +22,9 @@ tests/test_fastpath.py).
     python -m mlx_steer.fastpath --no-tcmalloc  # ... without tcmalloc
     python -m mlx_steer.fastpath --status       # what is available and what this process has
 
-Set MLX_STEER_NO_FASTPATH=1 to turn it all off, MLX_STEER_NO_TCMALLOC=1 for tcmalloc alone.
+Set MLX_STEER_NO_FASTPATH=1 to turn it all off, MLX_STEER_NO_TCMALLOC=1 for tcmalloc alone,
+MLX_STEER_BLAS=pypi to use the PyPI OpenBLAS even where Debian's is installed
+(=system: Debian's only; default auto: Debian's, else PyPI's).
 
 Preloading must happen before the process starts (the dynamic linker reads
 LD_PRELOAD once): the Makefile runs `env LD_PRELOAD=... python ...`, and
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -48,6 +54,8 @@ _TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",)
 CFLAGS = ("-O3", "-Wno-psabi", "-shared", "-fPIC")
 LIBS = ("-ldl", "-lpthread")
 DISABLE_ENV = "MLX_STEER_NO_FASTPATH"  # set to 1 to turn the whole fast path off
+BLAS_ENV = "MLX_STEER_BLAS"  # auto (default) | system | pypi: which OpenBLAS to preload
+PYPI_BLAS = ("scipy_openblas32", "lib/libscipy_openblas.so")  # package, library inside it
 NO_TCMALLOC_ENV = "MLX_STEER_NO_TCMALLOC"  # set to 1 to leave tcmalloc out
 
 
@@ -72,9 +80,33 @@ def _first(patterns) -> Path | None:
     return None
 
 
+def _blas_choice() -> str:
+    choice = os.environ.get(BLAS_ENV, "auto").strip().lower() or "auto"
+    return choice if choice in ("auto", "system", "pypi") else "auto"
+
+
 def openblas() -> Path | None:
-    """Debian/Ubuntu's OpenBLAS `libblas.so.3`, if installed."""
-    return _first(_OPENBLAS) if supported() else None
+    """Debian/Ubuntu's OpenBLAS `libblas.so.3`, if installed (and not set aside with
+    MLX_STEER_BLAS=pypi)."""
+    if not supported() or _blas_choice() == "pypi":
+        return None
+    return _first(_OPENBLAS)
+
+
+def pypi_openblas() -> Path | None:
+    """The OpenBLAS library of PyPI's `scipy-openblas32` wheel, if installed (found
+    without importing it). Its symbols are prefixed: usable only behind the shim."""
+    if not supported() or _blas_choice() == "system":
+        return None
+    try:
+        spec = importlib.util.find_spec(PYPI_BLAS[0])
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / PYPI_BLAS[1]
+        if lib.is_file():
+            return lib
+    return None
 
 
 def tcmalloc() -> Path | None:
@@ -150,16 +182,22 @@ def preload_libs(shim: bool = True, use_tcmalloc: bool = True,
     """The libraries to preload, in order: [shim,] OpenBLAS [, tcmalloc]; [] if none.
 
     The shim is only used together with OpenBLAS (it must come first so that it
-    sees MLX's `cblas_sgemm` calls, and forwards to the library after it).
+    sees MLX's `cblas_sgemm` calls, and forwards to the library after it). Debian's
+    OpenBLAS is preferred; PyPI's needs the shim (its symbols are prefixed).
     """
     blas = openblas()
+    needs_shim = False
+    if blas is None:
+        blas, needs_shim = pypi_openblas(), True
     if blas is None:
         return []
     libs = []
-    if shim:
+    if shim or needs_shim:
         so = build(dest)
         if so is not None:
             libs.append(so)
+        elif needs_shim:
+            return []
     libs.append(blas)
     if use_tcmalloc:
         tc = tcmalloc()
@@ -182,23 +220,26 @@ def preload_env(shim: bool = True, use_tcmalloc: bool = True,
     ours = [str(p) for p in libs]
     prior = os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
     kept = [p for p in prior if p and p not in ours and SHIM_NAME not in p
-            and "openblas" not in p and "tcmalloc" not in p]
+            and "openblas" not in p.lower() and "tcmalloc" not in p]
     return {"LD_PRELOAD": ":".join(ours + kept)}
 
 
 def loaded() -> dict[str, bool]:
-    """What this process has mapped: {"openblas": .., "shim": .., "tcmalloc": ..}."""
+    """What this process has mapped: {"openblas": .., "pypi_openblas": .., "shim": ..,
+    "tcmalloc": ..}. "openblas" is true for either OpenBLAS serving MLX."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         maps = ""
-    blas = openblas()
-    system_blas = blas is not None and (
-        os.path.realpath(blas) in maps or "/openblas-pthread/" in maps
-        or "/openblas-openmp/" in maps)
-    # (numpy's own bundled scipy-openblas is not it: MLX cannot use that one.)
-    return {"openblas": bool(system_blas), "shim": SHIM_NAME in maps,
-            "tcmalloc": "tcmalloc" in maps}
+    debian = _first(_OPENBLAS) if supported() else None
+    system_blas = "/openblas-pthread/" in maps or "/openblas-openmp/" in maps or (
+        debian is not None and os.path.realpath(debian) in maps)
+    shim = SHIM_NAME in maps
+    # The PyPI library serves MLX only through the shim. (numpy's own bundled
+    # libscipy_openblas64_ is another library, which MLX cannot use.)
+    pypi_blas = shim and "libscipy_openblas.so" in maps
+    return {"openblas": bool(system_blas or pypi_blas), "pypi_openblas": pypi_blas,
+            "shim": shim, "tcmalloc": "tcmalloc" in maps}
 
 
 def active() -> bool:
@@ -233,8 +274,10 @@ def describe() -> str:
     have = loaded()
     if not have["openblas"]:
         return ("fast CPU path: off (MLX's bundled reference BLAS; install Debian's "
-                "libopenblas0-pthread and start through `make app`)")
-    return "fast CPU path: OpenBLAS" + (" + sgemv shim" if have["shim"] else "") + (
+                "libopenblas0-pthread, or the scipy-openblas32 wheel, and start through "
+                "`make app`)")
+    blas = "OpenBLAS from PyPI (scipy-openblas32)" if have["pypi_openblas"] else "OpenBLAS"
+    return "fast CPU path: " + blas + (" + sgemv shim" if have["shim"] else "") + (
         " + tcmalloc" if have["tcmalloc"] else "")
 
 
@@ -251,7 +294,7 @@ def _main(argv: list[str]) -> int:
     libs = preload_libs(not a.no_shim, not a.no_tcmalloc, a.dest)
     if a.status:
         print(f"platform: {sys.platform}; compiler: {compiler()}; openblas: {openblas()}; "
-              f"tcmalloc: {tcmalloc()}")
+              f"pypi openblas: {pypi_openblas()}; tcmalloc: {tcmalloc()}")
         print("LD_PRELOAD=" + ":".join(map(str, libs)))
         print(describe())
         return 0

@@ -11,7 +11,9 @@
  *     LD_PRELOAD=/path/libmlxsteer_sgemv.so:/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
  * cblas_sgemm then resolves here; the real cblas_sgemm / cblas_sgemv are looked up with
  * dlsym(RTLD_NEXT, ...), i.e. in the libraries loaded after this one (OpenBLAS above, or
- * MLX's bundled BLAS when the shim is preloaded alone).
+ * MLX's bundled BLAS when the shim is preloaded alone). Where none exports them, the
+ * prefixed scipy_cblas_sgemm / scipy_cblas_sgemv of PyPI's scipy-openblas32 are used:
+ * preloaded behind the shim, that library serves MLX's products only through it.
  *
  * Few-row products (2..SMALL_M_MAX rows times a weight matrix, x @ W^T: batched decoding
  * of a handful of rows) go to a small kernel here that streams each weight row once and
@@ -87,6 +89,12 @@ static int env_int(const char *name, int dflt) {
 __attribute__((constructor)) static void shim_init(void) {
     real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+    if (!real_sgemm || !real_sgemv) {
+        /* PyPI's scipy-openblas32 exports its CBLAS with a prefix (so that it never
+           clashes with another BLAS in the process): forward to those. */
+        real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "scipy_cblas_sgemm");
+        real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "scipy_cblas_sgemv");
+    }
     const char *s = getenv("MLX_STEER_SHIM_STATS");
     static int registered;
     stats = s && *s && strcmp(s, "0") != 0;
