@@ -711,7 +711,8 @@ def bench_blas(lab, args) -> None:
         cfgs["PyPI scipy-openblas32"] = ([shim, pypi, *tail], env_pypi)
     if args.mkl and shim:
         cfgs["PyPI mkl (libmkl_rt)"] = ([shim, Path(args.mkl), *tail],
-                                        {**env_pypi, "MKL_THREADING_LAYER": "GNU"})
+                                        {**env_pypi, "MKL_THREADING_LAYER": "GNU",
+                                         "MKL_NUM_THREADS": str(args.mkl_threads)})
     if not cfgs:
         row("blas", "BLAS candidates", None, "tok/s", note="no candidate BLAS or no shim")
         return
@@ -883,6 +884,8 @@ def main(argv=None) -> int:
                     help="rounds over the preload (and blas) configurations")
     ap.add_argument("--mkl", default=None, metavar="PATH",
                     help="libmkl_rt.so of PyPI's `mkl` wheel, measured in section blas")
+    ap.add_argument("--mkl-threads", type=int, default=1,
+                    help="MKL_NUM_THREADS for --mkl (the PyPI OpenBLAS runs on 1 thread too)")
     args = ap.parse_args(argv)
     only = SECTIONS if args.only == "all" else tuple(s.strip() for s in args.only.split(","))
     bad = set(only) - set(SECTIONS)

@@ -62,6 +62,7 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
                          int, float, float *, int);
 
 static sgemm_fn real_sgemm;
+static void (*pypi_set_threads)(int); /* pending: PyPI OpenBLAS to 1 thread on first call */
 static sgemv_fn real_sgemv;
 static unsigned long n_gemv, n_gemm, n_small, n_twin;
 static void pick_kernel(void);
@@ -94,6 +95,13 @@ __attribute__((constructor)) static void shim_init(void) {
            clashes with another BLAS in the process): forward to those. */
         real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "scipy_cblas_sgemm");
         real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "scipy_cblas_sgemv");
+        /* Its threads wait busily between calls: with 2 threads on a busy 2-core machine its
+           products ran 4-5x slower than with 1 (which matched Debian's OpenBLAS), so it runs
+           on 1 thread unless OPENBLAS_NUM_THREADS says otherwise (set on the first call:
+           the library may not be initialised yet while this constructor runs). */
+        const char *ob = getenv("OPENBLAS_NUM_THREADS");
+        if (real_sgemm && !(ob && *ob))
+            pypi_set_threads = (void (*)(int))dlsym(RTLD_NEXT, "scipy_openblas_set_num_threads");
     }
     const char *s = getenv("MLX_STEER_SHIM_STATS");
     static int registered;
@@ -545,6 +553,10 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  float *C, int ldc) {
     if (!real_sgemm) shim_init();
     if (!real_sgemm) abort(); /* no BLAS behind us: cannot happen when MLX is loaded */
+    if (pypi_set_threads) {
+        void (*set)(int) = __atomic_exchange_n(&pypi_set_threads, NULL, __ATOMIC_ACQ_REL);
+        if (set) set(1);
+    }
     if (order == ColMajor) {
         /* C (col-major M x N) is C^T row-major: C^T = op(B)^T op(A)^T. */
         int t = ta; ta = tb; tb = t;
