@@ -22,6 +22,7 @@ hits both sides alike:
                  then "all", which differs from position 1 and shares nothing)
   preload        batch-1 decode in child processes: MLX's BLAS, OpenBLAS,
                  OpenBLAS + sgemv shim, + tcmalloc (the fast CPU path, Linux)
+  step           ms per decode step at 8 rows (a layer sweep) against 1 steered row
   blas           the BLAS behind the shim, in child processes: Debian's OpenBLAS, PyPI's
                  scipy-openblas32 and (--mkl PATH to libmkl_rt of PyPI's `mkl` wheel)
                  MKL: 400-token prefill, batch-1 and 16-row decode, greedy tokens
@@ -63,7 +64,7 @@ from typing import Callable
 from bench_common import cpu_seconds, machine, sweep_layers
 
 SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
-            "prefill", "shared", "preload", "blas", "reference")
+            "prefill", "shared", "step", "preload", "blas", "reference")
 DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill",
            "shared", "reference")
 NEEDED_BY_REFERENCE = ("overhead", "extraction", "compare", "sweeps")
@@ -657,6 +658,43 @@ def bench_preload(lab, args) -> None:
             row("preload", f"{B}-row batched decode, {name}", tps, "rows*tok/s",
                 reference=bref, ref_label="OpenBLAS", ratio=tps / bref,
                 note=f"CPU {med([r['cpu_ms_step'] for r in rs]):.0f} ms/step", runs=rs)
+
+
+# ---- one decode step: 8 rows against 1 -------------------------------------------------------
+
+def bench_step(lab, args) -> None:
+    """Milliseconds per decode step (the model's forward for one token per row, evaluated)
+    at 1 steered row and at 8 rows (baseline + 7 steered layers), interleaved."""
+    import mlx.core as mx
+    from mlx_steer import generation
+
+    steers, _ = demo_steers(lab, layers=sweep_layers(lab.num_layers))
+    toks = lab.encode(PROMPT, chat=True)
+    n = 16
+
+    def steps(rows):
+        def f():
+            caches, logits = generation.prefill_batch(lab.model, [toks] * len(rows), rows)
+            y = mx.argmax(logits, -1)
+            mx.eval(y)
+            ts = []
+            for _ in range(n):
+                t = time.perf_counter()
+                y = mx.argmax(lab.model(y[:, None], cache=caches)[:, -1, :], -1)
+                mx.eval(y)
+                ts.append(time.perf_counter() - t)
+            return med(ts[2:]) * 1000
+        return f
+
+    one = [[steers[len(steers) // 2]]]
+    eight = ([[]] + [[s] for s in steers])[:8]
+    t = interleaved({"1": steps(one), "8": steps(eight), "8u": steps([[]] * 8)}, args.runs)
+    m1, m8, m8u = med(t["1"]), med(t["8"]), med(t["8u"])
+    row("step", "decode step, 8 rows (baseline + 7 steered layers) vs 1 steered row", m8,
+        "ms", reference=m1, ref_label="1 row", ratio=m8 / m1, target="<= 1.5x",
+        ok=m8 / m1 <= 1.5, note=f"8 unsteered rows {m8u:.1f} ms ({m8u / m1:.2f}x); "
+        f"rows*tok/s at 8 rows {8000 / m8:.0f} vs {1000 / m1:.0f} tok/s at 1 row "
+        f"({8 * m1 / m8:.2f}x); forward + argmax only, median of {n - 2} steps")
 
 
 # ---- which BLAS behind the shim (the fast path without root) ------------------------------
