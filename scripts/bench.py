@@ -672,7 +672,9 @@ def bench_step(lab, args) -> None:
     toks = lab.encode(PROMPT, chat=True)
     n = 16
 
-    def steps(rows):
+    def steps(rows, loop=False):
+        samplers = [generation.make_sampler(0.0) for _ in rows]
+
         def f():
             caches, logits = generation.prefill_batch(lab.model, [toks] * len(rows), rows)
             y = mx.argmax(logits, -1)
@@ -680,21 +682,32 @@ def bench_step(lab, args) -> None:
             ts = []
             for _ in range(n):
                 t = time.perf_counter()
-                y = mx.argmax(lab.model(y[:, None], cache=caches)[:, -1, :], -1)
-                mx.eval(y)
+                logits = lab.model(y[:, None], cache=caches)[:, -1, :]
+                if loop:  # what generation.batch does per step besides the forward
+                    lp = generation.log_softmax(logits)
+                    y = mx.concatenate([samplers[i](lp[i:i + 1]) for i in range(len(rows))])
+                    mx.eval(y)
+                    y.tolist()
+                else:
+                    y = mx.argmax(logits, -1)
+                    mx.eval(y)
                 ts.append(time.perf_counter() - t)
             return med(ts[2:]) * 1000
         return f
 
     one = [[steers[len(steers) // 2]]]
     eight = ([[]] + [[s] for s in steers])[:8]
-    t = interleaved({"1": steps(one), "8": steps(eight), "8u": steps([[]] * 8)}, args.runs)
-    m1, m8, m8u = med(t["1"]), med(t["8"]), med(t["8u"])
+    t = interleaved({"1": steps(one), "8": steps(eight), "8u": steps([[]] * 8),
+                     "1l": steps(one, True), "8l": steps(eight, True)}, args.runs)
+    m1, m8, m8u, m1l, m8l = (med(t[k]) for k in ("1", "8", "8u", "1l", "8l"))
     row("step", "decode step, 8 rows (baseline + 7 steered layers) vs 1 steered row", m8,
         "ms", reference=m1, ref_label="1 row", ratio=m8 / m1, target="<= 1.5x",
         ok=m8 / m1 <= 1.5, note=f"8 unsteered rows {m8u:.1f} ms ({m8u / m1:.2f}x); "
         f"rows*tok/s at 8 rows {8000 / m8:.0f} vs {1000 / m1:.0f} tok/s at 1 row "
         f"({8 * m1 / m8:.2f}x); forward + argmax only, median of {n - 2} steps")
+    row("step", "the same with the batch loop's per-step work (log-softmax, per-row "
+        "samplers, tokens to the host)", m8l, "ms", reference=m1l, ref_label="1 row",
+        ratio=m8l / m1l, note=f"forward alone: 8 rows {m8:.1f} ms, 1 row {m1:.1f} ms")
 
 
 # ---- which BLAS behind the shim (the fast path without root) ------------------------------
