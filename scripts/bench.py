@@ -23,6 +23,7 @@ hits both sides alike:
   preload        batch-1 decode in child processes: MLX's BLAS, OpenBLAS,
                  OpenBLAS + sgemv shim, + tcmalloc (the fast CPU path, Linux)
   step           ms per decode step at 8 rows (a layer sweep) against 1 steered row
+  kernel         one block's gate + up products at 1 and 8 rows (us, GFLOP/s)
   blas           the BLAS behind the shim, in child processes: Debian's OpenBLAS, PyPI's
                  scipy-openblas32 and (--mkl PATH to libmkl_rt of PyPI's `mkl` wheel)
                  MKL: 400-token prefill, batch-1 and 16-row decode, greedy tokens
@@ -64,7 +65,7 @@ from typing import Callable
 from bench_common import cpu_seconds, machine, sweep_layers
 
 SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
-            "prefill", "shared", "step", "preload", "blas", "reference")
+            "prefill", "shared", "step", "kernel", "preload", "blas", "reference")
 DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill",
            "shared", "reference")
 NEEDED_BY_REFERENCE = ("overhead", "extraction", "compare", "sweeps")
@@ -708,6 +709,33 @@ def bench_step(lab, args) -> None:
     row("step", "the same with the batch loop's per-step work (log-softmax, per-row "
         "samplers, tokens to the host)", m8l, "ms", reference=m1l, ref_label="1 row",
         ratio=m8l / m1l, note=f"forward alone: 8 rows {m8:.1f} ms, 1 row {m1:.1f} ms")
+
+
+def bench_kernel(lab, args) -> None:
+    """One block's gate and up products (x @ W.T) at 1 and 8 rows: the matmul rate the
+    decode step gets (through the shim's quantised twins where they apply)."""
+    import mlx.core as mx
+    import numpy as np
+
+    mlp = lab.model.layers[lab.num_layers // 6].mlp
+    rng = np.random.default_rng(0)
+
+    def product(rows):
+        x = mx.array(rng.standard_normal((rows, lab.hidden_size)).astype(np.float32))
+
+        def f():
+            t = time.perf_counter()
+            for _ in range(100):
+                mx.eval(mlp.gate_proj(x), mlp.up_proj(x))
+            return (time.perf_counter() - t) / 100 * 1e6
+        return f
+
+    t = interleaved({1: product(1), 8: product(8)}, max(args.runs, 5))
+    macs = 2 * mlp.gate_proj.weight.size
+    for rows in (1, 8):
+        us = med(t[rows])
+        row("step", f"gate + up products of one block, {rows} row(s)", us, "us",
+            note=f"{2 * macs * rows / us / 1e3:.0f} GFLOP/s; median of {len(t[rows])} x 100 calls")
 
 
 # ---- which BLAS behind the shim (the fast path without root) ------------------------------
