@@ -104,13 +104,15 @@ def _prefill_shared(model: nn.Module, tokens: list[int], rows: Sequence[Sequence
 
 def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
                   rows: Sequence[Sequence[Steer]],
-                  prefill_step_size: int = PREFILL_STEP) -> tuple[list, mx.array]:
+                  prefill_step_size: int = PREFILL_STEP,
+                  share: bool = True) -> tuple[list, mx.array]:
     """Prefill a batch: (left-padded batch caches carrying the rows' plans, logits (B, vocab)).
 
     Rows with the same prompt share its prefill up to the first position where
     their steering differs (`prefix.plan`); the others run left-padded together.
+    `share=False` prefills every row (for measuring).
     """
-    groups, solo = prefix.plan(toks, rows)
+    groups, solo = prefix.plan(toks, rows) if share else ([], [])
     if not groups:
         return _prefill_padded(model, toks, rows, prefill_step_size)
     parts = []  # (batch rows, caches, logits)

@@ -560,7 +560,7 @@ def bench_shared(lab, args) -> None:
             out["shared"] = np.array(lg)
 
         def unshared(rows=rows, T=T):  # every row prefilled, left-padded (no sharing)
-            c, lg = generation._prefill_padded(lab.model, T, rows, generation.PREFILL_STEP)
+            c, lg = generation.prefill_batch(lab.model, T, rows, share=False)
             mx.eval(lg, [x.state for x in c])
             out["unshared"] = np.array(lg)
 
