@@ -379,6 +379,23 @@ def test_blas_choice_by_env(monkeypatch, tmp_path):
     assert fastpath.pypi_openblas() is None
 
 
+def test_mkl_is_opt_in(monkeypatch, tmp_path):
+    """MKL is used only with MLX_STEER_BLAS=mkl, from this environment's lib/ (where the
+    `mkl` wheel installs it); without it, that choice falls back to the others."""
+    lib = tmp_path / "lib" / "libmkl_rt.so.3"
+    lib.parent.mkdir()
+    lib.write_bytes(b"")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert fastpath.mkl() is None
+    monkeypatch.setenv(fastpath.BLAS_ENV, "mkl")
+    assert fastpath.mkl() == lib
+    assert str(lib) in fastpath.preload_env(dest=tmp_path)["LD_PRELOAD"].split(":")
+    lib.unlink()
+    env = fastpath.preload_env(dest=tmp_path)
+    want = fastpath.openblas() or fastpath.pypi_openblas()
+    assert (env == {}) if want is None else str(want) in env["LD_PRELOAD"]
+
+
 def test_bad_compiler_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")
     assert fastpath.build(tmp_path, force=True) is None

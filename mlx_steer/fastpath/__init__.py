@@ -24,7 +24,9 @@ tests/test_fastpath.py).
 
 Set MLX_STEER_NO_FASTPATH=1 to turn it all off, MLX_STEER_NO_TCMALLOC=1 for tcmalloc alone,
 MLX_STEER_BLAS=pypi to use the PyPI OpenBLAS even where Debian's is installed
-(=system: Debian's only; default auto: Debian's, else PyPI's).
+(=system: Debian's only; default auto: Debian's, else PyPI's; =mkl: the MKL of PyPI's
+`mkl` wheel where `pip install mkl` put it in this environment, sequential by default;
+else as auto).
 
 Preloading must happen before the process starts (the dynamic linker reads
 LD_PRELOAD once): the Makefile runs `env LD_PRELOAD=... python ...`, and
@@ -82,7 +84,7 @@ def _first(patterns) -> Path | None:
 
 def _blas_choice() -> str:
     choice = os.environ.get(BLAS_ENV, "auto").strip().lower() or "auto"
-    return choice if choice in ("auto", "system", "pypi") else "auto"
+    return choice if choice in ("auto", "system", "pypi", "mkl") else "auto"
 
 
 def openblas() -> Path | None:
@@ -91,6 +93,14 @@ def openblas() -> Path | None:
     if not supported() or _blas_choice() == "pypi":
         return None
     return _first(_OPENBLAS)
+
+
+def mkl() -> Path | None:
+    """`libmkl_rt` of PyPI's `mkl` wheel in this environment, with MLX_STEER_BLAS=mkl only
+    (measured fastest, but a 229 MB wheel: an opt-in, not a dependency)."""
+    if not supported() or _blas_choice() != "mkl":
+        return None
+    return _first((str(Path(sys.prefix) / "lib" / "libmkl_rt.so.*"),))
 
 
 def pypi_openblas() -> Path | None:
@@ -185,7 +195,7 @@ def preload_libs(shim: bool = True, use_tcmalloc: bool = True,
     sees MLX's `cblas_sgemm` calls, and forwards to the library after it). Debian's
     OpenBLAS is preferred; PyPI's needs the shim (its symbols are prefixed).
     """
-    blas = openblas()
+    blas = mkl() or openblas()
     needs_shim = False
     if blas is None:
         blas, needs_shim = pypi_openblas(), True
@@ -220,13 +230,13 @@ def preload_env(shim: bool = True, use_tcmalloc: bool = True,
     ours = [str(p) for p in libs]
     prior = os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
     kept = [p for p in prior if p and p not in ours and SHIM_NAME not in p
-            and "openblas" not in p.lower() and "tcmalloc" not in p]
+            and "openblas" not in p.lower() and "libmkl_rt" not in p and "tcmalloc" not in p]
     return {"LD_PRELOAD": ":".join(ours + kept)}
 
 
 def loaded() -> dict[str, bool]:
     """What this process has mapped: {"openblas": .., "pypi_openblas": .., "shim": ..,
-    "tcmalloc": ..}. "openblas" is true for either OpenBLAS serving MLX."""
+    "mkl": .., "tcmalloc": ..}. "openblas" is true for any fast BLAS serving MLX."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -238,8 +248,9 @@ def loaded() -> dict[str, bool]:
     # The PyPI library serves MLX only through the shim. (numpy's own bundled
     # libscipy_openblas64_ is another library, which MLX cannot use.)
     pypi_blas = shim and "libscipy_openblas.so" in maps
-    return {"openblas": bool(system_blas or pypi_blas), "pypi_openblas": pypi_blas,
-            "shim": shim, "tcmalloc": "tcmalloc" in maps}
+    mkl_rt = "libmkl_rt.so" in maps
+    return {"openblas": bool(system_blas or pypi_blas or mkl_rt), "pypi_openblas": pypi_blas,
+            "mkl": mkl_rt, "shim": shim, "tcmalloc": "tcmalloc" in maps}
 
 
 def active() -> bool:
@@ -276,7 +287,8 @@ def describe() -> str:
         return ("fast CPU path: off (MLX's bundled reference BLAS; install Debian's "
                 "libopenblas0-pthread, or the scipy-openblas32 wheel, and start through "
                 "`make app`)")
-    blas = "OpenBLAS from PyPI (scipy-openblas32)" if have["pypi_openblas"] else "OpenBLAS"
+    blas = ("MKL (mkl wheel)" if have["mkl"] else "OpenBLAS from PyPI (scipy-openblas32)"
+            if have["pypi_openblas"] else "OpenBLAS")
     return "fast CPU path: " + blas + (" + sgemv shim" if have["shim"] else "") + (
         " + tcmalloc" if have["tcmalloc"] else "")
 
@@ -294,7 +306,7 @@ def _main(argv: list[str]) -> int:
     libs = preload_libs(not a.no_shim, not a.no_tcmalloc, a.dest)
     if a.status:
         print(f"platform: {sys.platform}; compiler: {compiler()}; openblas: {openblas()}; "
-              f"pypi openblas: {pypi_openblas()}; tcmalloc: {tcmalloc()}")
+              f"pypi openblas: {pypi_openblas()}; mkl: {mkl()}; tcmalloc: {tcmalloc()}")
         print("LD_PRELOAD=" + ":".join(map(str, libs)))
         print(describe())
         return 0

@@ -90,6 +90,12 @@ static int env_int(const char *name, int dflt) {
 __attribute__((constructor)) static void shim_init(void) {
     real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+    /* MKL (PyPI's `mkl` wheel) behind us: sequential unless the user chose otherwise. Its
+       threads, like the PyPI OpenBLAS's, lost their core to other jobs on a busy 2-core
+       machine; the sequential layer also needs no OpenMP runtime. MKL reads the variable
+       at its first call, after this constructor. */
+    if (real_sgemm && dlsym(RTLD_NEXT, "MKL_Set_Threading_Layer") && !getenv("MKL_NUM_THREADS"))
+        setenv("MKL_THREADING_LAYER", "SEQUENTIAL", 0);
     if (!real_sgemm || !real_sgemv) {
         /* PyPI's scipy-openblas32 exports its CBLAS with a prefix (so that it never
            clashes with another BLAS in the process): forward to those. */
