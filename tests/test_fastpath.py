@@ -222,6 +222,9 @@ def runs(tmp_path_factory):
         pytest.skip("the sgemv shim could not be built")
     # PyPI's OpenBLAS, as a user without Debian's gets it (Debian's set aside by the env)
     pypi = _fast_env("pypi") if fastpath.pypi_openblas() is not None else None
+    mkl = _fast_env("mkl")  # only where `pip install mkl` put MKL in this environment
+    if mkl is not None and "libmkl_rt" not in mkl["LD_PRELOAD"]:
+        mkl = None
     d = tmp_path_factory.mktemp("fastpath")
     script = d / "child.py"
     script.write_text(CHILD)
@@ -234,6 +237,8 @@ def runs(tmp_path_factory):
                ("fast_f32", {**stats, "MLX_STEER_SHIM_TWINS": "0"})]
     if pypi is not None:
         configs.append(("pypi", {**pypi, "MLX_STEER_SHIM_STATS": "1"}))
+    if mkl is not None:
+        configs.append(("mkl", {**mkl, "MLX_STEER_SHIM_STATS": "1"}))
     for name, extra in configs:
         p = subprocess.run([sys.executable, str(script), str(d / name)],
                            env={**base_env, **extra}, capture_output=True, text=True,
@@ -275,6 +280,14 @@ def test_pypi_openblas_serves_mlx(runs):
     assert gemv > 1000 and gemm > 0  # both forwarded to scipy_cblas_*: the run finished
 
 
+def test_mkl_serves_mlx(runs):
+    if "mkl" not in runs:
+        pytest.skip("the mkl wheel is not installed in this environment")
+    info, _, stderr = runs["mkl"]
+    assert info["loaded"]["mkl"] and info["shim"] and "MKL" in info["describe"]
+    assert _shim_counts(stderr)[3] > 0  # prefill products reached MKL's sgemm
+
+
 def test_quantised_twins_compute_exactly(runs):
     if not runs["fast"][0]["twins"]:
         pytest.skip("quantised twins need AVX-512")
@@ -285,20 +298,20 @@ def test_shim_computes_every_layout(runs):
     assert runs["fast"][0]["sgemm_errors"] == []
 
 
-@pytest.mark.parametrize("which", ["plain", "fast", "pypi"])
+@pytest.mark.parametrize("which", ["plain", "fast", "pypi", "mkl"])
 def test_mlx_matmuls_exact(runs, which):
     if which not in runs:
-        pytest.skip("scipy-openblas32 is not installed")
+        pytest.skip(f"{which}: that BLAS is not installed")
     arrays = runs[which][1]
     for k, d in arrays.items():
         if k.startswith("mm_"):
             assert np.abs(d).max() < 1e-4, (which, k)
 
 
-@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi"])
+@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi", "mkl"])
 def test_same_tokens(runs, fast):
     if fast not in runs:
-        pytest.skip("scipy-openblas32 is not installed")
+        pytest.skip(f"{fast}: that BLAS is not installed")
     (p, _, _), (f, _, _) = runs["plain"], runs[fast]
     assert p["plain"] == f["plain"]
     assert p["steered"] == f["steered"]
@@ -307,10 +320,10 @@ def test_same_tokens(runs, fast):
     assert p["batch"][0] == p["plain"][:6] and p["batch"][1] == p["steered"][:6]
 
 
-@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi"])
+@pytest.mark.parametrize("fast", ["fast", "fast_f32", "pypi", "mkl"])
 def test_same_logprobs(runs, fast):
     if fast not in runs:
-        pytest.skip("scipy-openblas32 is not installed")
+        pytest.skip(f"{fast}: that BLAS is not installed")
     p, f = runs["plain"][1], runs[fast][1]
     for k in ("plain", "steered", "batch_first", "logits"):
         assert p[k].shape == f[k].shape, k
