@@ -59,3 +59,7 @@ class CorruptFileError(MlxSteerError, ValueError):
 
 class InvalidArgumentError(MlxSteerError, ValueError):
     """Any other argument that is out of range or malformed."""
+
+
+class DistributedError(MlxSteerError, RuntimeError):
+    """A rank of a distributed run failed or did not answer in time; no partial results."""

@@ -40,12 +40,15 @@ class Lab:
     Attributes:
         model, tokenizer: the mlx-lm objects (blocks made steerable in place).
         name: what was loaded; note: why (e.g. what "auto" chose).
+        group: the `mx.distributed` group the model is tensor-sharded over (every
+            rank then runs every call together), or None.
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str,
-                 context_length: int | None = None, note: str = ""):
+                 context_length: int | None = None, note: str = "", group=None):
         base.install(model)
         self.model = model
+        self.group = group  # the mx.distributed group the model is sharded over, if any
         self.tokenizer = tokenizer
         self.name = name
         self.note = note

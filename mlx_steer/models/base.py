@@ -115,6 +115,41 @@ def uninstall(model: nn.Module) -> nn.Module:
     return model
 
 
+def shard_problem(model: nn.Module, n: int) -> str | None:
+    """Why `model` cannot be tensor-sharded over `n` ranks by mlx-lm, or None if it can.
+
+    mlx-lm's `shard(group)` splits attention heads, KV heads and the MLP's inner
+    width evenly across the ranks; it does not check that they divide.
+    """
+    if not callable(getattr(model, "shard", None)):
+        kind = ("it supports only pipeline sharding, which mlx-steer does not steer"
+                if hasattr(getattr(model, "model", None), "pipeline") else
+                "mlx-lm has no tensor-parallel sharding for it")
+        return f"{type(model).__module__} cannot be tensor-sharded: {kind}"
+    args = getattr(model, "args", None)
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(args, field, None)
+        if isinstance(value, int) and value % n:
+            return (f"its {field} ({value}) is not divisible by {n} ranks; "
+                    "use a number of ranks that divides it")
+    return None
+
+
+def tensor_shard(model: nn.Module, group) -> nn.Module:
+    """Shard `model` in place over `group` with mlx-lm's tensor parallelism.
+
+    Every block's output is the full residual stream on every rank (the
+    row-sharded projections end in an all-reduce), so each rank adds the same
+    steering vectors there and the ranks stay in step.
+    """
+    problem = shard_problem(model, group.size())
+    if problem:
+        raise UnsupportedModelError(f"cannot shard this model: {problem}")
+    model.shard(group)
+    mx.eval(model.parameters())
+    return install(model)
+
+
 def build_plans(rows: Sequence[Sequence[Steer]], prompt_lens: Sequence[int]
                 ) -> dict[int, LayerPlan]:
     """Per-layer plans for a batch: row i gets `rows[i]` (strength 0 is skipped)."""
@@ -161,6 +196,18 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
         if capture:
             c.capture = []
     return caches
+
+
+def wait_for_generation() -> None:
+    """Wait for the step mlx-lm's `generate_step` computes ahead on its own stream.
+
+    A generator that stops leaves that step pending; on a sharded model its
+    collectives would then run concurrently with the next call's, in an order
+    that differs between ranks, and mix their data.
+    """
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
 
 
 def new_kv_cache() -> KVCache:
