@@ -53,7 +53,14 @@ def shard(model_dir, group):
 
 def grids(lab, group, **kw):
     c = concept(lab)
-    out = {}
+    out = {"rows_run": []}  # rows this rank decoded in each distributed grid
+    real = lab.generate_batch_tokens
+
+    def counted(requests, *a, **k):
+        counted.rows += len(requests)
+        return real(requests, *a, **k)
+
+    lab.generate_batch_tokens = counted
     for name, fn in {
         "strengths": lambda g: X.strength_explorer(
             lab, [PROMPT, "a second prompt"], c, [0.5, 1.0, 2.0], layer=1, group=g, **kw),
@@ -62,7 +69,10 @@ def grids(lab, group, **kw):
         "mix": lambda g: X.mix(lab, PROMPT, [(c, 0.7), (concept(lab, "calm"), 0.3)],
                                group=g, **kw)[1],
     }.items():
-        out[name] = {"distributed": fn(group), "local": fn(None)}
+        counted.rows = 0
+        dist = fn(group)
+        out["rows_run"].append([counted.rows, len(dist)])
+        out[name] = {"distributed": dist, "local": fn(None)}
     return out
 
 
