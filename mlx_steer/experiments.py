@@ -252,12 +252,12 @@ def score_passes(lab: "Lab", entries: Sequence[_Entry], batch: int = METRIC_BATC
         plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
         caches = base.make_caches(lab.model, plans, left_padding=pads)
         layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        for layer in layers:
-            caches[layer].capture = []
-        logits = lab.model(x, cache=caches)[:, :-1]
+        base.watch(lab.model, caches, layers)
+        out = lab.model(x, cache=caches)
+        logits = out[:, :-1]
         picked = mx.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
         tgt = picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
-        hidden = {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+        hidden = base.captured(lab.model, caches, layers, out, lab.group)
         mx.eval(tgt, *hidden.values())
         tgt_np = np.array(tgt)
         hid_np = {layer: np.array(h) for layer, h in hidden.items()}
@@ -353,20 +353,26 @@ def tidy(records: Sequence[Record]) -> list[Record]:
     return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
 
 
-def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | None,
-                **kw) -> list[Record]:
-    """This rank's share of the rows, gathered with every other rank's (see `run`)."""
-    for v in variants:  # a bad row raises its typed error on every rank, before any work
-        lab._check(lab.encode(v.prompt, kw["chat"]), v.steers, kw["max_tokens"])
-    own = distributed.share(len(variants), distributed.rank(group), distributed.size(group))
-    # KL and the baseline columns compare a row with the FIRST baseline row of its
-    # prompt: that row joins this rank's batch (run again, its record dropped here).
+def rank_rows(variants: Sequence[Variant], rank: int, size: int) -> tuple[range, list[int]]:
+    """The rows (indices into `variants`, baselines included) that `rank` of `size`
+    reports, and the rows it decodes: those plus the first baseline row of each of
+    their prompts, which KL and the baseline columns compare with."""
+    own = distributed.share(len(variants), rank, size)
     first_base: dict[str, int] = {}
     for i, v in enumerate(variants):
         if v.is_baseline:
             first_base.setdefault(v.prompt, i)
     need = sorted(set(own) | {first_base[variants[i].prompt] for i in own
                               if variants[i].prompt in first_base})
+    return own, need
+
+
+def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | None,
+                **kw) -> list[Record]:
+    """This rank's share of the rows, gathered with every other rank's (see `run`)."""
+    for v in variants:  # a bad row raises its typed error on every rank, before any work
+        lab._check(lab.encode(v.prompt, kw["chat"]), v.steers, kw["max_tokens"])
+    own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
 
     def mine() -> list[Record]:
         if not need:

@@ -3,7 +3,8 @@
     python dist_worker.py MODE MODEL_DIR OUT_DIR
 
 Each rank writes what it saw to OUT_DIR/<mode>-rank<r>.json; the test compares.
-Modes: shard (tensor-sharded steered logits vs the whole model), grid (a
+Modes: shard (tensor-sharded steered logits vs the whole model), pipeline (the
+same on pipeline stages, and an experiment on them), grid (a
 distributed experiment grid vs the local one), fail (rank 1 raises in its share),
 hang (rank 1 never answers; a short timeout must end the run).
 """
@@ -51,6 +52,37 @@ def shard(model_dir, group):
     }
 
 
+def pipeline(model_dir, group):
+    """The same checks on pipeline stages, plus a whole experiment on the stages."""
+    from mlx_steer.models import base
+
+    whole = mlx_steer.load(model_dir)
+    staged = mlx_steer.load(model_dir, group=group, sharding="pipeline")
+    v = np.random.default_rng(3).normal(size=whole.hidden_size).astype(np.float32)
+    steer = [Steer(v, 0, 0.5), Steer(-v, 3, 0.5, positions="generated")]
+    a, b = whole.trace(PROMPT, steer, prompt_len=3), staged.trace(PROMPT, steer, prompt_len=3)
+    plain = whole.trace(PROMPT)
+    span = base.layer_span(staged.model)
+    hb_w = whole.hidden_states_batch([PROMPT, "other text"], steer=steer)
+    hb_s = staged.hidden_states_batch([PROMPT, "other text"], steer=steer)
+    c = concept(whole)
+    return {
+        "span": [span.start, span.stop], "num_layers": staged.num_layers,
+        "logits_diff": float(np.abs(a.logits - b.logits).max()),
+        "hidden_diff": float(np.abs(a.hidden - b.hidden).max()),
+        "batch_hidden_diff": max(float(np.abs(x - y).max()) for x, y in zip(hb_w, hb_s)),
+        "steering_effect": float(np.abs(a.logits - plain.logits).max()),
+        "text_whole": whole.generate(PROMPT, steer, max_tokens=12),
+        "text_sharded": staged.generate(PROMPT, steer, max_tokens=12),
+        "batch_sharded": staged.generate_batch([(PROMPT, steer), ("other text", None)],
+                                               max_tokens=12),
+        "batch_whole": whole.generate_batch([(PROMPT, steer), ("other text", None)],
+                                            max_tokens=12),
+        "grid_whole": X.layer_analysis(whole, PROMPT, c, [0, 1, 2, 3], 1.0, max_tokens=6),
+        "grid_sharded": X.layer_analysis(staged, PROMPT, c, [0, 1, 2, 3], 1.0, max_tokens=6),
+    }
+
+
 def grids(lab, group, **kw):
     c = concept(lab)
     out = {"rows_run": []}  # rows this rank decoded in each distributed grid
@@ -83,6 +115,8 @@ def main(mode, model_dir, out_dir):
     try:
         if mode == "shard":
             result.update(shard(model_dir, group))
+        elif mode == "pipeline":
+            result.update(pipeline(model_dir, group))
         else:
             lab = mlx_steer.load(model_dir)
             if mode == "grid":

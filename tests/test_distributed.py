@@ -31,6 +31,12 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A model that mlx-lm can also split into pipeline stages."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="module")
 def home(tmp_path_factory):
     return tmp_path_factory.mktemp("mlx-steer-home")
 
@@ -110,16 +116,24 @@ def test_alone_is_not_distributed(monkeypatch):
 
 
 def test_shard_problems_are_named():
-    model = tiny_lab("mistral").model  # 4 heads, 2 KV heads
+    model = tiny_lab("mistral").model  # 4 heads, 2 KV heads, 4 blocks
+    assert base.sharding_kind(model) == "tensor"
     assert base.shard_problem(model, 2) is None
     assert "num_key_value_heads (2) is not divisible by 4" in base.shard_problem(model, 4)
+    with pytest.raises(UnsupportedModelError, match="no pipeline sharding"):
+        base.sharding_kind(model, "pipeline")  # mlx-lm's llama has no stages
+    with pytest.raises(InvalidArgumentError):
+        base.sharding_kind(model, "rows")
+    assert base.sharding_kind(tiny_lab("qwen2").model, "pipeline") == "pipeline"
+    assert "4 blocks cannot make 5 pipeline stages" in base.shard_problem(
+        tiny_lab("qwen2").model, 5, "pipeline")
 
     class Group:  # only its size is read before refusing
         def size(self):
             return 4
 
     with pytest.raises(UnsupportedModelError, match="not divisible by 4 ranks"):
-        base.tensor_shard(model, Group())
+        base.shard(model, Group())
 
 
 def test_a_group_of_one_loads_unsharded(model_dir):
@@ -147,6 +161,21 @@ def test_sharded_steered_model_equals_whole(model_dir, tmp_path, home):
         # overlap the batch's collectives.
         assert r["batch_sharded"] == r["batch_whole"]
         assert r["batch_whole"][0] == r["text_whole"]
+
+
+def test_pipeline_stages_steer_like_the_whole_model(qwen_dir, tmp_path, home):
+    proc, ranks, _ = worker("pipeline", qwen_dir, tmp_path, home)
+    assert proc.returncode == 0 and ranks[0] and ranks[1], proc.stderr[-3000:]
+    assert ranks[0]["span"] == [2, 4] and ranks[1]["span"] == [0, 2]  # mlx-lm's split
+    for r in ranks.values():
+        assert r["num_layers"] == 4
+        assert r["steering_effect"] > 0.1
+        # each stage steers its own blocks; the captured outputs of all blocks reach
+        # every rank; the same operations run, so the results are the same bits
+        assert r["logits_diff"] == 0 and r["hidden_diff"] == 0 and r["batch_hidden_diff"] == 0
+        assert r["text_sharded"] == r["text_whole"]
+        assert r["batch_sharded"] == r["batch_whole"]
+        assert_same_records(r["grid_sharded"], r["grid_whole"])
 
 
 def test_distributed_grid_equals_local_grid(model_dir, tmp_path, home):
