@@ -343,6 +343,10 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
               chat=chat, score=score, markers=markers, progress=progress,
               metric_batch=metric_batch)
     if distributed.size(group) > 1:
+        if lab.group is not None:
+            raise InvalidArgumentError(
+                "this model is sharded across the ranks, so every rank runs every row: "
+                "give the group to load() or to the experiment, not to both")
         return _run_shared(lab, variants, group, timeout, **kw)
     return tidy(_records(lab, variants, **kw))
 

@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny import save_tiny, tiny_lab
 
 import mlx_steer
-from mlx_steer import distributed
+from mlx_steer import Concept, distributed
+from mlx_steer import experiments as X
 from mlx_steer.errors import InvalidArgumentError, UnsupportedModelError
 from mlx_steer.models import base
 
@@ -39,6 +41,12 @@ def qwen_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     return tmp_path_factory.mktemp("mlx-steer-home")
+
+
+def fake_concept(lab):
+    vecs = np.random.default_rng(0).normal(size=(lab.num_layers, lab.hidden_size))
+    return Concept("happy", vecs.astype(np.float32), np.full(lab.num_layers, 8.0, np.float32),
+                   1, 0.5, lab.fingerprint)
 
 
 def free_ports() -> int:
@@ -134,6 +142,20 @@ def test_shard_problems_are_named():
 
     with pytest.raises(UnsupportedModelError, match="not divisible by 4 ranks"):
         base.shard(model, Group())
+
+
+def test_a_sharded_model_does_not_split_rows():
+    class Group:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    lab = tiny_lab("mistral")
+    lab.group = Group()  # as if sharded: every rank must run every row
+    with pytest.raises(InvalidArgumentError, match="not to both"):
+        X.strength_explorer(lab, "hi", fake_concept(lab), [1.0], layer=1, group=Group())
 
 
 def test_a_group_of_one_loads_unsharded(model_dir):
