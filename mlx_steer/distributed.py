@@ -108,7 +108,7 @@ def all_gather_bytes(data: bytes, group: Group) -> list[bytes]:
                                      stream=mx.cpu)
     lens = [int(x) for x in lens.tolist()]
     width = max(max(lens), 1)
-    buf = mx.array(list(data) + [0] * (width - len(data)), mx.uint8)
+    buf = mx.array(np.frombuffer(data.ljust(width, b"\0"), np.uint8))
     allb = mx.distributed.all_gather(buf, group=group, stream=mx.cpu)
     raw = np.asarray(allb).tobytes()  # (n * width,) uint8
     return [raw[r * width: r * width + lens[r]] for r in range(n)]

@@ -123,6 +123,42 @@ def test_alone_is_not_distributed(monkeypatch):
         distributed.timeout_s(0)
 
 
+def test_gather_results_raises_what_another_rank_raised(monkeypatch):
+    """The gather's protocol, with rank 1's part simulated (the real collective is
+    exercised under mlx.launch below)."""
+    from mlx_steer.errors import DistributedError, PromptTooLongError
+
+    def other_rank(fn):
+        try:
+            return json.dumps({"ok": True, "result": fn()}).encode()
+        except Exception as e:
+            return json.dumps(distributed._failure(e)).encode()
+
+    def with_rank1(fn):
+        monkeypatch.setattr(distributed, "all_gather_bytes",
+                            lambda data, group: [data, other_rank(fn)])
+
+    with_rank1(lambda: [2])
+    assert distributed.gather_results(lambda: [1], None) == [[1], [2]]
+
+    def too_long():
+        raise PromptTooLongError("the prompt has 9999 tokens")
+
+    with_rank1(too_long)
+    with pytest.raises(PromptTooLongError, match="rank 1 of 2 failed: the prompt has 9999"):
+        distributed.gather_results(lambda: [1], None)
+
+    def crash():
+        raise KeyError("boom")
+
+    with_rank1(crash)
+    with pytest.raises(DistributedError, match="rank 1 of 2 failed: KeyError: 'boom'"):
+        distributed.gather_results(lambda: [1], None, what="grid")
+    # this rank failing too: both are named, and nothing is returned
+    with pytest.raises(DistributedError, match=r"rank 0 of 2 failed \(and ranks 1\)"):
+        distributed.gather_results(lambda: [float("nan")], None)
+
+
 def test_shard_problems_are_named():
     model = tiny_lab("mistral").model  # 4 heads, 2 KV heads, 4 blocks
     assert base.sharding_kind(model) == "tensor"
