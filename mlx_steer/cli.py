@@ -61,7 +61,7 @@ sgemv shim of mlx_steer.fastpath when that builds. Set MLX_STEER_NO_PRELOAD=1
 
 several ranks (mlx.launch, see docs/SCALING.md): under `mlx.launch -n N ...`
 sweep, mix and eval split their rows across the ranks; with --shard every
-command runs the model tensor-sharded across them instead. Rank 0 alone prints.
+command runs the model sharded across them instead. Rank 0 alone prints.
 """
 
 
@@ -189,8 +189,9 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="no progress bars on stderr")
     p.add_argument("--shard", action="store_true",
                    default=False if top else argparse.SUPPRESS,
-                   help="under mlx.launch: shard the model across the ranks (tensor "
-                        "parallel) instead of splitting the rows of an experiment")
+                   help="under mlx.launch: shard the model across the ranks (mlx-lm's "
+                        "tensor parallelism, else its pipeline stages) instead of "
+                        "splitting the rows of an experiment")
 
 
 def _steering(p: argparse.ArgumentParser, concept_required: bool = True,
