@@ -58,6 +58,10 @@ LD_PRELOAD does not already name it, mlx-steer re-executes itself once with
 LD_PRELOAD set to it before loading a model (several times faster), with the
 sgemv shim of mlx_steer.fastpath when that builds. Set MLX_STEER_NO_PRELOAD=1
 (or MLX_STEER_NO_FASTPATH=1) to prevent that.
+
+several ranks (mlx.launch, see docs/SCALING.md): under `mlx.launch -n N ...`
+sweep, mix and eval split their rows across the ranks; with --shard every
+command runs the model sharded across them instead. Rank 0 alone prints.
 """
 
 
@@ -183,6 +187,11 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--quiet", "-q", action="store_true",
                    default=False if top else argparse.SUPPRESS,
                    help="no progress bars on stderr")
+    p.add_argument("--shard", action="store_true",
+                   default=False if top else argparse.SUPPRESS,
+                   help="under mlx.launch: shard the model across the ranks (mlx-lm's "
+                        "tensor parallelism, else its pipeline stages) instead of "
+                        "splitting the rows of an experiment")
 
 
 def _steering(p: argparse.ArgumentParser, concept_required: bool = True,
@@ -453,7 +462,7 @@ def _lab(args: argparse.Namespace):
     if name not in _LABS:
         if not getattr(args, "quiet", False) and sys.stderr.isatty():
             _say(f"loading {name or 'the embedded model'} …")
-        _LABS[name] = mlx_steer.load(name)
+        _LABS[name] = mlx_steer.load(name, group=args.group if args.shard else None)
     return _LABS[name]
 
 
@@ -623,7 +632,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 def _run_kw(args: argparse.Namespace, bar: Bar) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                progress=bar, score=not getattr(args, "no_metrics", False))
+                progress=bar, score=not getattr(args, "no_metrics", False),
+                group=None if args.shard else args.group)
 
 
 def _steer_header(r: dict) -> str:
@@ -1131,6 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         maybe_reexec(args_list)
     try:
+        from . import distributed
+
+        args.group = distributed.world()  # several ranks when started by mlx.launch
+        if not distributed.is_lead(args.group):
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+            args.quiet = True
         return int(args.func(args) or 0)
     except UsageError as e:
         _say(f"{PROG}: error: {e}")

@@ -63,3 +63,7 @@ class InvalidArgumentError(MlxSteerError, ValueError):
 
 class ServerBusyError(MlxSteerError, RuntimeError):
     """The server's request queue is full: try again later."""
+
+
+class DistributedError(MlxSteerError, RuntimeError):
+    """A rank of a distributed run failed or did not answer in time; no partial results."""

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Union
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from . import metrics as M
 from .concept import Concept
 from .errors import InvalidArgumentError
@@ -251,12 +252,12 @@ def score_passes(lab: "Lab", entries: Sequence[_Entry], batch: int = METRIC_BATC
         plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
         caches = base.make_caches(lab.model, plans, left_padding=pads)
         layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        for layer in layers:
-            caches[layer].capture = []
-        logits = lab.model(x, cache=caches)[:, :-1]
+        base.watch(lab.model, caches, layers)
+        out = lab.model(x, cache=caches)
+        logits = out[:, :-1]
         picked = mx.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
         tgt = picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
-        hidden = {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+        hidden = base.captured(lab.model, caches, layers, out, lab.group)
         mx.eval(tgt, *hidden.values())
         tgt_np = np.array(tgt)
         hid_np = {layer: np.array(h) for layer, h in hidden.items()}
@@ -280,11 +281,35 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def with_baselines(variants: Sequence[Variant]) -> list[Variant]:
+    """`variants` preceded by an unsteered row for each prompt that has no baseline row."""
+    variants = list(variants)
+    have = {v.prompt for v in variants if v.is_baseline}
+    extra: dict[str, Variant] = {}
+    for v in variants:
+        if v.prompt not in have:
+            b = extra.setdefault(v.prompt, Variant(v.prompt, kind="baseline",
+                                                   label="baseline", markers=[]))
+            b.extra.setdefault("_who", set()).add((id(v.concept), v.layer))
+            b.extra.setdefault("_concepts", []).append(v.concept)
+            for m in concept_markers(v.concept):
+                if m not in b.markers:
+                    b.markers.append(m)
+    for b in extra.values():
+        # One concept at one layer for this prompt: the baseline is that concept at
+        # strength 0 (so it has a projection and the concept's evaluation too).
+        who, cs = b.extra.pop("_who"), b.extra.pop("_concepts")
+        if len(who) == 1 and cs[0] is not None:
+            b.concept, b.layer = cs[0], next(iter(who))[1]
+    return list(extra.values()) + variants
+
+
 def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
         temperature: float = 0.0, seed: int | None = 0, top_p: float = 1.0,
         chat: bool = True, baselines: bool = True, score: bool = True,
         markers: Sequence[str] | None = None, progress: Progress | None = None,
-        metric_batch: int = METRIC_BATCH) -> list[Record]:
+        metric_batch: int = METRIC_BATCH, group=None,
+        timeout: float | None = None) -> list[Record]:
     """Generate every variant as a row of one batched decode and score each row.
 
     Args:
@@ -294,6 +319,12 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
             text metrics and the first-token KL cost nothing and are always there.
         markers: marker words to count (default: each row's concept's markers).
         progress: called as progress(done, total): decode steps, then scoring passes.
+        group: an `mx.distributed` group of several ranks (`distributed.world()`
+            under `mlx.launch`), each with the whole model: each rank runs a
+            contiguous share of the rows (with the baseline rows its share refers
+            to) as one batch, and every rank returns all the records, equal to a
+            single-process run. A failing rank makes every rank raise.
+        timeout: seconds a rank waits for the others (see `distributed.timeout_s`).
 
     Scoring: every row's prompt + generated tokens go through the unsteered
     model once (perplexity, text_projection), in left-padded batches of
@@ -307,24 +338,66 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
     if not variants:
         raise InvalidArgumentError("an experiment needs at least one row")
     if baselines:
-        have = {v.prompt for v in variants if v.is_baseline}
-        extra: dict[str, Variant] = {}
-        for v in variants:
-            if v.prompt not in have:
-                b = extra.setdefault(v.prompt, Variant(v.prompt, kind="baseline",
-                                                       label="baseline", markers=[]))
-                b.extra.setdefault("_who", set()).add((id(v.concept), v.layer))
-                b.extra.setdefault("_concepts", []).append(v.concept)
-                for m in concept_markers(v.concept):
-                    if m not in b.markers:
-                        b.markers.append(m)
-        for b in extra.values():
-            # One concept at one layer for this prompt: the baseline is that concept at
-            # strength 0 (so it has a projection and the concept's evaluation too).
-            who, cs = b.extra.pop("_who"), b.extra.pop("_concepts")
-            if len(who) == 1 and cs[0] is not None:
-                b.concept, b.layer = cs[0], next(iter(who))[1]
-        variants = list(extra.values()) + variants
+        variants = with_baselines(variants)
+    kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, top_p=top_p,
+              chat=chat, score=score, markers=markers, progress=progress,
+              metric_batch=metric_batch)
+    if distributed.size(group) > 1:
+        if lab.group is not None:
+            raise InvalidArgumentError(
+                "this model is sharded across the ranks, so every rank runs every row: "
+                "give the group to load() or to the experiment, not to both")
+        return _run_shared(lab, variants, group, timeout, **kw)
+    return tidy(_records(lab, variants, **kw))
+
+
+def tidy(records: Sequence[Record]) -> list[Record]:
+    """Uniform columns (first-appearance order; None where a row lacks one), plain values."""
+    keys = list(dict.fromkeys(k for rec in records for k in rec))
+    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+
+
+def rank_rows(variants: Sequence[Variant], rank: int, size: int) -> tuple[range, list[int]]:
+    """The rows (indices into `variants`, baselines included) that `rank` of `size`
+    reports, and the rows it decodes: those plus the first baseline row of each of
+    their prompts, which KL and the baseline columns compare with."""
+    own = distributed.share(len(variants), rank, size)
+    first_base: dict[str, int] = {}
+    for i, v in enumerate(variants):
+        if v.is_baseline:
+            first_base.setdefault(v.prompt, i)
+    need = sorted(set(own) | {first_base[variants[i].prompt] for i in own
+                              if variants[i].prompt in first_base})
+    return own, need
+
+
+def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | None,
+                **kw) -> list[Record]:
+    """This rank's share of the rows, gathered with every other rank's (see `run`)."""
+    for v in variants:  # a bad row raises its typed error on every rank, before any work
+        lab._check(lab.encode(v.prompt, kw["chat"]), v.steers, kw["max_tokens"])
+    own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
+
+    def mine() -> list[Record]:
+        if not need:
+            return []
+        recs = _records(lab, [variants[i] for i in need], **kw)
+        out = []
+        for i, rec in zip(need, recs):
+            if i in own:
+                rec["row"] = i
+                out.append({k: _clean(x) for k, x in rec.items()})
+        return out
+
+    parts = distributed.gather_results(mine, group, what="experiment grid", timeout=timeout)
+    return tidy([rec for part in parts for rec in part])
+
+
+def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperature: float,
+             seed: int | None, top_p: float, chat: bool, score: bool,
+             markers: Sequence[str] | None, progress: Progress | None,
+             metric_batch: int) -> list[Record]:
+    """One record per variant (in order; baselines already added), before `tidy`."""
     n_scores = 0
     if score:
         n_rows = len(variants) + sum(
@@ -387,8 +460,7 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
                (lambda: _tick(done, total, progress)))
         if progress:
             progress(total, total)
-    keys = list(dict.fromkeys(k for rec in records for k in rec))  # uniform columns
-    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+    return records
 
 
 def _tick(done: list[int], total: int, progress: Progress | None) -> None:
@@ -600,7 +672,8 @@ def mix(lab: "Lab", prompt: str | Sequence[str],
         rows.append(steered_variant(p, mixed, layer, strength, relative, positions,
                                     kind="mix"))
     records = run(lab, rows, **run_kw)
-    if save:
+    # Under several ranks one of them saves (every rank has the same records).
+    if save and distributed.is_lead(run_kw.get("group") or lab.group):
         path = lab.save_concept(mixed)
         for r in records:
             if r["kind"] == "mix":

@@ -46,11 +46,14 @@ def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
     """Text pieces of one request; steering rides on `caches`."""
     from mlx_lm.generate import stream_generate
 
-    for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
-                             sampler=make_sampler(temperature, top_p, seed),
-                             prompt_cache=caches, prefill_step_size=prefill_step_size):
-        if r.text:
-            yield r.text
+    try:
+        for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
+                                 sampler=make_sampler(temperature, top_p, seed),
+                                 prompt_cache=caches, prefill_step_size=prefill_step_size):
+            if r.text:
+                yield r.text
+    finally:
+        base.wait_for_generation()
 
 
 def prefill(model: nn.Module, x: mx.array, caches: list,

@@ -40,12 +40,15 @@ class Lab:
     Attributes:
         model, tokenizer: the mlx-lm objects (blocks made steerable in place).
         name: what was loaded; note: why (e.g. what "auto" chose).
+        group: the `mx.distributed` group the model is sharded over (tensor
+            parallel or pipeline stages; every rank then makes every call), or None.
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str,
-                 context_length: int | None = None, note: str = ""):
+                 context_length: int | None = None, note: str = "", group=None):
         base.install(model)
         self.model = model
+        self.group = group
         self.tokenizer = tokenizer
         self.name = name
         self.note = note
@@ -58,7 +61,7 @@ class Lab:
     # ---- shape of the model -------------------------------------------------
     @property
     def num_layers(self) -> int:
-        return len(self.model.layers)
+        return base.num_layers(self.model)
 
     @property
     def hidden_size(self) -> int:
@@ -127,7 +130,8 @@ class Lab:
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
         caches = base.make_caches(self.model, plans, capture=True)
         logits = self.model(mx.array(tokens)[None], cache=caches)
-        hidden = mx.stack([c.capture[0][0] for c in caches]).astype(mx.float32)
+        got = base.captured(self.model, caches, range(self.num_layers), logits, self.group)
+        hidden = mx.stack([got[layer][0] for layer in range(self.num_layers)])
         logits = logits[0].astype(mx.float32)
         mx.eval(hidden, logits)
         return Trace(tokens, np.array(hidden), np.array(logits))
@@ -156,8 +160,9 @@ class Lab:
         x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
         plans = base.build_plans([steers] * len(toks), [len(t) for t in toks])
         caches = base.make_caches(self.model, plans, left_padding=pads, capture=True)
-        self.model(x, cache=caches)
-        hidden = mx.stack([c.capture[0] for c in caches], axis=1).astype(mx.float32)
+        out = self.model(x, cache=caches)
+        got = base.captured(self.model, caches, range(self.num_layers), out, self.group)
+        hidden = mx.stack([got[layer] for layer in range(self.num_layers)], axis=1)
         mx.eval(hidden)
         h = np.array(hidden)  # (B, L, W, D)
         return [h[i, :, p:] for i, p in enumerate(pads)]

@@ -67,3 +67,19 @@ def tiny_lab(kind: str, seed: int = 0, **kw) -> Lab:
 
 def param_names(model) -> list[str]:
     return [k for k, _ in tree_flatten(model.parameters())]
+
+
+def save_tiny(path, kind: str = "mistral", seed: int = 0, **kw):
+    """Write a tiny model as an MLX model folder (config, safetensors, tokenizer), so
+    separate processes (e.g. the ranks of `mlx.launch`) load the same weights."""
+    import dataclasses
+    from pathlib import Path
+
+    from mlx_lm.utils import save_config, save_model
+
+    path = Path(path)
+    model = tiny_model(kind, seed, **kw)
+    save_model(path, model)
+    save_config(dataclasses.asdict(model.args), path / "config.json")
+    tiny_tokenizer().save_pretrained(str(path))
+    return path

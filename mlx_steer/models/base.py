@@ -100,6 +100,27 @@ def decoder_layers(model: nn.Module) -> list:
     return list(layers)
 
 
+def _stage(model: nn.Module):
+    """mlx-lm's pipeline stage state (`PipelineMixin`) when the model is pipelined."""
+    inner = getattr(model, "model", None)
+    return inner if getattr(inner, "pipeline_size", 1) > 1 else None
+
+
+def num_layers(model: nn.Module) -> int:
+    """Decoder blocks of the whole model (a pipeline stage runs only some of them)."""
+    if _stage(model) is not None:
+        return int(model.args.num_hidden_layers)
+    return len(decoder_layers(model))
+
+
+def layer_span(model: nn.Module) -> range:
+    """Indices of the blocks this process runs: all, or a pipeline stage's slice."""
+    stage = _stage(model)
+    if stage is not None:
+        return range(stage.start_idx, stage.end_idx)
+    return range(len(decoder_layers(model)))
+
+
 def install(model: nn.Module) -> nn.Module:
     """Make every decoder block of `model` steerable (in place; idempotent)."""
     for layer in decoder_layers(model):
@@ -113,6 +134,69 @@ def uninstall(model: nn.Module) -> nn.Module:
         if isinstance(layer, SteerMixin):
             layer.__class__ = type(layer)._base_block
     return model
+
+
+SHARDINGS = ("auto", "tensor", "pipeline")
+
+
+def sharding_kind(model: nn.Module, sharding: str = "auto") -> str:
+    """"tensor" or "pipeline": what mlx-lm can do for this model ("auto": tensor
+    parallelism where the model has it, else pipeline stages)."""
+    from ..errors import InvalidArgumentError
+
+    if sharding not in SHARDINGS:
+        raise InvalidArgumentError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    tensor = callable(getattr(model, "shard", None))
+    pipeline = callable(getattr(getattr(model, "model", None), "pipeline", None))
+    if sharding == "auto":
+        sharding = "tensor" if tensor else "pipeline"
+    if not (tensor if sharding == "tensor" else pipeline):
+        raise UnsupportedModelError(
+            f"mlx-lm has no {sharding} sharding for {type(model).__module__} "
+            f"(tensor: {'yes' if tensor else 'no'}, pipeline: {'yes' if pipeline else 'no'})")
+    return sharding
+
+
+def shard_problem(model: nn.Module, n: int, sharding: str = "tensor") -> str | None:
+    """Why `model` cannot be sharded over `n` ranks by mlx-lm, or None if it can.
+
+    mlx-lm's `shard(group)` splits attention heads, KV heads and the MLP's inner
+    width evenly across the ranks, and its `pipeline(group)` gives each rank at
+    least one block; neither checks.
+    """
+    if sharding == "pipeline":
+        total = num_layers(model)
+        return None if total >= n else f"its {total} blocks cannot make {n} pipeline stages"
+    if not callable(getattr(model, "shard", None)):
+        return f"mlx-lm has no tensor-parallel sharding for {type(model).__module__}"
+    args = getattr(model, "args", None)
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(args, field, None)
+        if isinstance(value, int) and value % n:
+            return (f"its {field} ({value}) is not divisible by {n} ranks; "
+                    "use a number of ranks that divides it")
+    return None
+
+
+def shard(model: nn.Module, group, sharding: str = "auto") -> nn.Module:
+    """Shard `model` in place over `group` with mlx-lm's own sharding.
+
+    Tensor parallel: every block's output is the full residual stream on every
+    rank (the row-sharded projections end in an all-reduce), so each rank adds
+    the same steering vectors there. Pipeline: a rank runs a slice of the
+    blocks and steers those (see `layer_span`); captured block outputs are
+    shared between the stages by `captured`.
+    """
+    kind = sharding_kind(model, sharding)
+    problem = shard_problem(model, group.size(), kind)
+    if problem:
+        raise UnsupportedModelError(f"cannot shard this model: {problem}")
+    if kind == "tensor":
+        model.shard(group)
+    else:
+        model.model.pipeline(group)
+    mx.eval(model.parameters())
+    return install(model)
 
 
 def build_plans(rows: Sequence[Sequence[Steer]], prompt_lens: Sequence[int]
@@ -155,12 +239,54 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
         caches = make_prompt_cache(model)
     else:
         caches = [BatchKVCache(list(left_padding)) for _ in decoder_layers(model)]
-    for i, c in enumerate(caches):
-        if plans and i in plans:
-            c.steer = plans[i]
+    for layer, c in zip(layer_span(model), caches):
+        if plans and layer in plans:
+            c.steer = plans[layer]
         if capture:
             c.capture = []
     return caches
+
+
+def watch(model: nn.Module, caches: list, layers) -> None:
+    """Make the caches of blocks `layers` (the ones this process runs) record their output."""
+    span = layer_span(model)
+    for layer in layers:
+        if layer in span:
+            caches[layer - span.start].capture = []
+
+
+def captured(model: nn.Module, caches: list, layers, out: mx.array, group=None
+             ) -> dict[int, mx.array]:
+    """The recorded (first) output of each block of `layers`, float32 (B, T, D);
+    `out` is the forward pass's output (B, T, ...).
+
+    A pipeline stage records only its own blocks: the stages add their records,
+    zeros elsewhere, with one all-reduce over `group`, so every rank gets every
+    block's output exactly. That all-reduce is made to wait for `out`: the
+    stages' send/receive must come first on every rank, or they wait on each
+    other.
+    """
+    span, layers = layer_span(model), list(layers)
+    if _stage(model) is None or not layers:
+        return {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+    zeros = mx.zeros((*out.shape[:2], int(model.args.hidden_size)), mx.float32)
+    stack = mx.stack([caches[layer - span.start].capture[0].astype(mx.float32)
+                      if layer in span else zeros for layer in layers])
+    stack = mx.depends(stack, out)
+    total = mx.distributed.all_sum(stack, group=group, stream=mx.cpu)
+    return {layer: total[i] for i, layer in enumerate(layers)}
+
+
+def wait_for_generation() -> None:
+    """Wait for the step mlx-lm's `generate_step` computes ahead on its own stream.
+
+    A generator that stops leaves that step pending; on a sharded model its
+    collectives would then run concurrently with the next call's, in an order
+    that differs between ranks, and mix their data.
+    """
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
 
 
 def new_kv_cache() -> KVCache:
