@@ -435,9 +435,11 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             ue.probes.append((v.layer, unit, "text_" + key))
             if v.is_baseline:
                 ue.probes.append((v.layer, unit, key))
-            elif all(s.layer >= v.layer for s in v.steers):
-                # Nothing upstream of the probed block is steered, so its steered output
-                # is exactly the unsteered one plus the steers added there: no extra pass.
+            elif all(s.op == "add" and isinstance(s.layer, int) and s.layer >= v.layer
+                     for s in v.steers):
+                # Nothing upstream of the probed block is steered and only additions are,
+                # so its steered output is exactly the unsteered one plus the steers added
+                # there: no extra pass.
                 added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
             else:
                 se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
@@ -448,7 +450,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             if b is not None and b in unsteered and b != i:
                 unsteered[b].probes.append((v.layer, unit, "base_" + key))
     for e in entries:
-        lab._check(e.tokens, e.steers)
+        e.steers = lab._check(e.tokens, e.steers)
     # Group similar lengths together: less padding per pass.
     order = sorted(entries, key=lambda e: len(e.tokens))
     score_passes(lab, order, metric_batch, tick)

@@ -14,7 +14,7 @@ import numpy as np
 from . import generation
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
-from .steer import Steer, SteerLike, as_steers, check_steers
+from .steer import Steer, SteerLike, as_steers, check_steers, expand_steers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -95,7 +95,9 @@ class Lab:
             ids = self.tokenizer.encode(text)
         return list(ids)
 
-    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0):
+    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
+               ) -> list[Steer]:
+        """Raise a typed error for bad input; the steers with layer ranges expanded."""
         if not tokens:
             raise EmptyPromptError("the prompt encodes to no tokens")
         if len(tokens) + max_tokens > self.context_length:
@@ -105,6 +107,7 @@ class Lab:
                 + f", more than this model's context of {self.context_length}; "
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+        return expand_steers(steers, self.num_layers)
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
@@ -116,8 +119,7 @@ class Lab:
         generated sequence can be replayed exactly.
         """
         tokens = self.encode(text, chat) if isinstance(text, str) else list(text)
-        steers = as_steers(steer)
-        self._check(tokens, steers)
+        steers = self._check(tokens, as_steers(steer))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
         caches = base.make_caches(self.model, plans, capture=True)
         logits = self.model(mx.array(tokens)[None], cache=caches)
@@ -144,7 +146,8 @@ class Lab:
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
-            self._check(t, steers)
+            expanded = self._check(t, steers)
+        steers = expanded
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
         x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
@@ -162,9 +165,8 @@ class Lab:
                top_p: float = 1.0) -> Iterator[str]:
         """Yield the generated text piece by piece (mlx-lm's `stream_generate`)."""
         tokens = self.encode(prompt, chat)
-        steers = as_steers(steer)
         _check_options(max_tokens, temperature, top_p)
-        self._check(tokens, steers, max_tokens)
+        steers = self._check(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
         return generation.stream(self.model, self.tokenizer, tokens, caches,
@@ -205,8 +207,7 @@ class Lab:
         toks, rows = [], []
         for prompt, steer in requests:
             t = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-            s = as_steers(steer)
-            self._check(t, s, max_tokens)
+            s = self._check(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
