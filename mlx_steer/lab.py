@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import bake as baking
 from . import generation
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
@@ -299,6 +300,12 @@ class Lab:
         from .extract import extract
 
         return extract(self, name, pairs, method, read, chat, progress, **meta)
+
+    def bake(self, steer: SteerLike, path: "str | Path", overwrite: bool = False) -> "Path":
+        """Write an MLX model folder with `steer` folded into the weights (ablation at
+        every block, additions at one block each); `mlx_lm.load(path)` opens it
+        without mlx-steer. See `mlx_steer.bake` for what can be baked."""
+        return baking.save(self, steer, path, overwrite)
 
     def save_concept(self, concept: "Concept") -> "Path":
         """Save to this model's library (atomic; refuses another model's concept)."""

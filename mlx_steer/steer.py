@@ -68,8 +68,10 @@ class Steer:
             (HF `hidden_states[layer + 1]`). -1 is the embedding output (HF
             `hidden_states[0]`). A `(start, stop)` range or "all" stands for one
             steer per block start … stop-1 (or every block); for `op="ablate"`,
-            "all" also covers the embedding output, so it matches orthogonalising
-            the weights. Ranges are expanded by `expand()` when a request runs.
+            "all" covers every write into the residual stream — the embedding
+            output, the middle of each block (after attention, before the MLP) and
+            each block's output — so it matches orthogonalising the weights.
+            Ranges are expanded by `expand()` when a request runs.
         strength: raw multiplier of `vector` ("add"); the cap is `strength * ‖vector‖`
             ("cap"); ignored by "ablate".
         positions: "all" (every token but position 0, the attention sink),
@@ -78,6 +80,9 @@ class Steer:
             first token).
         model_fingerprint: the model the vector was made for, if known; a Lab
             refuses vectors made for another model.
+        op: "add", "ablate" or "cap" (see the module docstring).
+        mid: `op="ablate"` only: also ablate in the middle of the block (the
+            attention output, before the MLP reads the stream).
     """
 
     vector: np.ndarray
@@ -86,6 +91,7 @@ class Steer:
     positions: Positions = "all"
     model_fingerprint: str | None = field(default=None)
     op: str = "add"
+    mid: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vector", _as_vector(self.vector))
@@ -94,6 +100,11 @@ class Steer:
             raise InvalidArgumentError(f"op must be one of {OPS}, got {self.op!r}")
         if self.op != "add" and not np.linalg.norm(self.vector) > 0:
             raise VectorShapeError(f"op={self.op!r} needs a non-zero vector (its direction)")
+        if self.mid and self.op != "ablate":
+            raise InvalidArgumentError("mid=True applies to op='ablate' only")
+        if self.mid and self.layer == EMBEDDING:
+            raise InvalidArgumentError("mid=True needs a block, not the embedding output")
+        object.__setattr__(self, "mid", bool(self.mid))
         try:
             s = float(self.strength)
         except (TypeError, ValueError):
@@ -143,7 +154,9 @@ class Steer:
         """One steer per block for a range or "all"; itself for an int layer."""
         if isinstance(self.layer, int):
             return [self]
-        return [replace(self, layer=i) for i in self.layers(num_layers)]
+        every = self.layer == "all" and self.op == "ablate"
+        return [replace(self, layer=i, mid=(every and i >= 0) or self.mid)
+                for i in self.layers(num_layers)]
 
     @property
     def delta(self) -> np.ndarray:
@@ -169,7 +182,8 @@ class Steer:
     def __repr__(self) -> str:
         return (f"Steer(vector=<{self.vector.shape[0]} floats, |v|="
                 f"{float(np.linalg.norm(self.vector)):.3g}>, layer={self.layer!r}, "
-                f"strength={self.strength:g}, positions={self.positions!r}, op={self.op!r})")
+                f"strength={self.strength:g}, positions={self.positions!r}, op={self.op!r}"
+                + (", mid=True" if self.mid else "") + ")")
 
 
 def _as_layer(layer) -> int | tuple[int, int] | str:

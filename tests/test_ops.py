@@ -69,13 +69,32 @@ def test_ablation_at_all_covers_every_block_and_the_embedding(lab):
     h = lab.hidden_states(PROMPT, Steer(v, "all", op="ablate", positions=0))
     norm = np.linalg.norm(h, axis=-1).max()
     assert np.abs(along(h, v)).max() < TOL * norm
-    # "all" == the embedding output (-1) and each block, one steer each.
-    spelled = [Steer(v, i, op="ablate", positions=0) for i in range(-1, lab.num_layers)]
+    # "all" == the embedding output (-1) and each block, middle and output, one steer each.
+    spelled = [Steer(v, -1, op="ablate", positions=0)] + [
+        Steer(v, i, op="ablate", positions=0, mid=True) for i in range(lab.num_layers)]
     assert np.array_equal(lab.logits(PROMPT, spelled),
                           lab.logits(PROMPT, Steer(v, "all", op="ablate", positions=0)))
-    # Without the embedding output the first block's input keeps its component: differs.
-    blocks = Steer(v, (0, lab.num_layers), op="ablate", positions=0)
-    assert not np.array_equal(lab.logits(PROMPT, blocks), lab.logits(PROMPT, spelled))
+    # Leaving out the embedding output or the middle of the blocks changes the result.
+    outputs = [Steer(v, -1, op="ablate", positions=0),
+               Steer(v, (0, lab.num_layers), op="ablate", positions=0)]
+    assert not np.allclose(lab.logits(PROMPT, outputs), lab.logits(PROMPT, spelled), atol=1e-4)
+    assert not np.allclose(lab.logits(PROMPT, spelled[1:]), lab.logits(PROMPT, spelled),
+                           atol=1e-4)
+
+
+def test_mid_block_ablation_is_the_attention_output_projected(lab):
+    v = vec(lab)
+    base = lab.hidden_states(PROMPT)
+    # At block 0 with an ablated input, mid ablation differs from output-only ablation.
+    a = lab.hidden_states(PROMPT, [Steer(v, -1, op="ablate"), Steer(v, 0, op="ablate")])
+    b = lab.hidden_states(PROMPT, [Steer(v, -1, op="ablate"),
+                                   Steer(v, 0, op="ablate", mid=True)])
+    assert not np.allclose(a[0], b[0], atol=1e-5)
+    assert np.abs(along(b[0, 1:], v)).max() < TOL * np.abs(base[0]).max()
+    with pytest.raises(errors.InvalidArgumentError, match="mid"):
+        Steer(v, 1, 1.0, mid=True)
+    with pytest.raises(errors.InvalidArgumentError, match="mid"):
+        Steer(v, -1, op="ablate", mid=True)
 
 
 def test_layer_range_expands_to_per_block_steers(lab):

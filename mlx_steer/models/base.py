@@ -33,15 +33,31 @@ class LayerPlan:
     - add:    (delta (B, 1, D), start (B, 1), end (B, 1))
     - cap:    (unit (B, 1, D), cap (B, 1, 1), start, end)
     - ablate: (unit (B, 1, D), start, end)
-    `start <= p < end` selects the absolute positions p of each row.
+    `start <= p < end` selects the absolute positions p of each row. `mid`
+    holds the ablations (`Steer.mid`) applied to the block's attention output,
+    i.e. to the stream in the middle of the block.
     """
 
     def __init__(self, terms: list[tuple[mx.array, mx.array, mx.array]],
                  caps: list[tuple[mx.array, mx.array, mx.array, mx.array]] | None = None,
-                 ablations: list[tuple[mx.array, mx.array, mx.array]] | None = None):
+                 ablations: list[tuple[mx.array, mx.array, mx.array]] | None = None,
+                 mid: list[tuple[mx.array, mx.array, mx.array]] | None = None):
         self.terms = terms
         self.caps = caps or []
         self.ablations = ablations or []
+        self.mid = mid or []
+
+    def apply_mid(self, r: mx.array, pos: mx.array) -> mx.array:
+        """Ablate the `mid` directions from an attention output `r`.
+
+        The block's input has no component along them (it was ablated at the
+        previous block's output or the embedding), so projecting what attention
+        writes is projecting the stream in the middle of the block.
+        """
+        for unit, start, end in self.mid:
+            sel = ((pos >= start) & (pos < end))[..., None]
+            r = r - (sel * _along(r, unit) * unit).astype(r.dtype)
+        return r
 
     def apply(self, h: mx.array, pos: mx.array) -> mx.array:
         for delta, start, end in self.terms:
@@ -69,6 +85,19 @@ def positions(offset: Any, length: int) -> mx.array:
     if isinstance(offset, int):
         return mx.arange(offset, offset + length)[None]
     return offset[:, None] + mx.arange(length)[None]
+
+
+class SteerAttentionMixin:
+    """Applies the cache's mid-block ablations to an attention module's output."""
+
+    _base_block: type
+
+    def __call__(self, x, mask=None, cache=None, *args, **kwargs):
+        plan = getattr(cache, "steer", None)
+        if plan is None or not plan.mid:
+            return super().__call__(x, mask, cache, *args, **kwargs)
+        pos = positions(cache.offset, x.shape[1])  # before attention advances the offset
+        return plan.apply_mid(super().__call__(x, mask, cache, *args, **kwargs), pos)
 
 
 class SteerMixin:
@@ -101,20 +130,33 @@ def register(base: type, steered: type) -> None:
     _REGISTRY[base] = steered
 
 
-def _steered_class(cls: type) -> type:
-    if issubclass(cls, SteerMixin):
+def _takes_cache(cls: type) -> bool:
+    params = list(inspect.signature(cls.__call__).parameters)[1:]
+    return len(params) >= 3 and params[2] == "cache"
+
+
+def _steered_class(cls: type, mixin: type = SteerMixin) -> type:
+    if issubclass(cls, mixin):
         return cls
     if cls in _REGISTRY:
         return _REGISTRY[cls]
-    params = list(inspect.signature(cls.__call__).parameters)[1:]
-    if len(params) < 3 or params[2] != "cache":
+    if not _takes_cache(cls):
         raise UnsupportedModelError(
             f"{cls.__module__}.{cls.__name__} is not a decoder block called as "
             "(x, mask, cache); mlx-steer cannot steer this architecture"
         )
-    steered = type(f"Steered{cls.__name__}", (SteerMixin, cls), {"_base_block": cls})
+    steered = type(f"Steered{cls.__name__}", (mixin, cls), {"_base_block": cls})
     register(cls, steered)
     return steered
+
+
+def _attention(layer):
+    """The block's attention module when it is called as (x, mask, cache), else None."""
+    attn = getattr(layer, "self_attn", None)
+    if isinstance(attn, nn.Module) and (isinstance(attn, SteerAttentionMixin)
+                                        or _takes_cache(type(attn))):
+        return attn
+    return None
 
 
 def decoder_layers(model: nn.Module) -> list:
@@ -130,6 +172,9 @@ def install(model: nn.Module) -> nn.Module:
     """Make every decoder block of `model` steerable (in place; idempotent)."""
     for layer in decoder_layers(model):
         layer.__class__ = _steered_class(type(layer))
+        attn = _attention(layer)
+        if attn is not None:
+            attn.__class__ = _steered_class(type(attn), SteerAttentionMixin)
     return model
 
 
@@ -138,6 +183,9 @@ def uninstall(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         if isinstance(layer, SteerMixin):
             layer.__class__ = type(layer)._base_block
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, SteerAttentionMixin):
+            attn.__class__ = type(attn)._base_block
     return model
 
 
@@ -156,8 +204,10 @@ def build_plans(rows: Sequence[Sequence[Steer]], prompt_lens: Sequence[int]
     plans = {}
     for layer, ops in by_layer.items():
         slots = {op: _slots(per_row, prompt_lens, op) for op, per_row in ops.items()}
+        mid = [[s for s in r if s.mid] for r in ops.get("ablate", [])]
         plans[layer] = LayerPlan(slots.get("add", []), slots.get("cap", []),
-                                 slots.get("ablate", []))
+                                 slots.get("ablate", []),
+                                 _slots(mid, prompt_lens, "ablate") if any(mid) else [])
     return plans
 
 
@@ -194,9 +244,15 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
         caches = make_prompt_cache(model)
     else:
         caches = [BatchKVCache(list(left_padding)) for _ in decoder_layers(model)]
+    layers = decoder_layers(model)
     for i, c in enumerate(caches):
         if plans and i in plans:
             c.steer = plans[i]
+            if plans[i].mid and not isinstance(getattr(layers[i], "self_attn", None),
+                                               SteerAttentionMixin):
+                raise UnsupportedModelError(
+                    f"block {i} of {type(model).__name__} has no steerable self_attn "
+                    "called as (x, mask, cache): cannot ablate in the middle of the block")
         if capture:
             c.capture = []
     if plans and EMBEDDING in plans:
@@ -206,3 +262,46 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
 
 def new_kv_cache() -> KVCache:
     return KVCache()
+
+
+class ResidualWriters:
+    """Parameter names of the weights that write into the residual stream.
+
+    `embedding`: the token embedding; `blocks[i]`: the attention output and MLP
+    down projections of block i (their outputs are summed into the stream);
+    `mlp_biases[i]`: the MLP's bias names and sizes, when the architecture's
+    config can switch MLP biases on (`mlp_bias`, llama family), else None.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(getattr(model, "model", None), "embed_tokens"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no model.embed_tokens: cannot fold steering "
+                "into its weights")
+        self.embedding = "model.embed_tokens.weight"
+        self.blocks: list[list[str]] = []
+        self.mlp_biases: list[dict[str, int]] | None = (
+            [] if hasattr(model.args, "mlp_bias") else None)
+        modules = [model.model.embed_tokens]
+        for i, layer in enumerate(decoder_layers(model)):
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            o_proj, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+            if not isinstance(o_proj, nn.Module) or not isinstance(down, nn.Module):
+                raise UnsupportedModelError(
+                    f"block {i} of {type(model).__name__} has no self_attn.o_proj and "
+                    "mlp.down_proj: cannot fold steering into its weights")
+            modules += [o_proj, down]
+            prefix = f"model.layers.{i}"
+            self.blocks.append([f"{prefix}.self_attn.o_proj", f"{prefix}.mlp.down_proj"])
+            if self.mlp_biases is not None:
+                projs = {n: getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
+                if any(p is None for p in projs.values()):
+                    self.mlp_biases = None
+                else:
+                    self.mlp_biases.append({f"{prefix}.mlp.{n}.bias": int(p.weight.shape[0])
+                                            for n, p in projs.items()})
+        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in modules):
+            raise UnsupportedModelError(
+                "the model's weights are quantised: load it with float weights "
+                "(GGUF: dequantize=True, the CPU default) to fold steering into them")
+        self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
