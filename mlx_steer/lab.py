@@ -295,11 +295,16 @@ class Lab:
 
     def extract(self, name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
                 read: str = "last", chat: bool = False,
-                progress: Callable[[int, int], None] | None = None, **meta) -> "Concept":
-        """A concept from (positive, negative) pairs: a vector for every layer (not saved)."""
+                progress: Callable[[int, int], None] | None = None,
+                layer: int | None = None, seed: int = 0, **meta) -> "Concept":
+        """A concept from (positive, negative) pairs: a vector for every layer (not saved).
+
+        `method`: "mean", "pca", "classic" or "trained" (a preference-trained vector at
+        `layer`, default the recommended block; see `mlx_steer.train`)."""
         from .extract import extract
 
-        return extract(self, name, pairs, method, read, chat, progress, **meta)
+        return extract(self, name, pairs, method, read, chat, progress, layer=layer,
+                       seed=seed, **meta)
 
     def bake(self, steer: SteerLike, path: "str | Path", overwrite: bool = False) -> "Path":
         """Write an MLX model folder with `steer` folded into the weights (ablation at

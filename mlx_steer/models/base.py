@@ -305,3 +305,12 @@ class ResidualWriters:
                 "the model's weights are quantised: load it with float weights "
                 "(GGUF: dequantize=True, the CPU default) to fold steering into them")
         self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
+
+
+def addition_caches(model: nn.Module, layer: int, delta: mx.array, start: int = 1) -> list:
+    """Fresh caches adding `delta` (an mx array, (D,) for every row or (B, D) one per
+    row; it may be traced by autodiff) to block `layer`'s output at absolute
+    positions >= `start`."""
+    delta = delta.reshape(-1, 1, delta.shape[-1])
+    plan = LayerPlan([(delta, mx.array([[start]]), mx.array([[NEVER]]))])
+    return make_caches(model, {layer: plan})
