@@ -48,7 +48,7 @@ import numpy as np
 from . import metrics as M
 from .concept import Concept
 from .errors import InvalidArgumentError
-from .steer import Positions, Steer
+from .steer import Positions, Steer, as_steers
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -84,7 +84,7 @@ class Variant:
 
     @property
     def is_baseline(self) -> bool:
-        return not any(s.strength != 0.0 for s in self.steers)
+        return all(s.is_noop for s in self.steers)
 
 
 # ---- concept helpers ------------------------------------------------------------
@@ -164,11 +164,20 @@ def concept_score(rule: dict | None, m: Mapping[str, Any]) -> float | None:
 def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
                     strength: float | None = None, relative: bool = True,
                     positions: Positions = "all", kind: str = "steered",
-                    label: str = "") -> Variant:
+                    label: str = "", op: str = "add") -> Variant:
     """A row steering `concept` at `layer` (default: its recommended layer) with that
-    layer's own vector; `strength` relative unless `relative=False` (then raw)."""
+    layer's own vector; `strength` relative unless `relative=False` (then raw).
+
+    `op` is "add", "cap" or "ablate" (default layer for "ablate": "all", every write
+    into the residual stream, with the recommended layer's direction)."""
+    if op == "ablate":
+        layer = "all" if layer is None else layer
+        steers = as_steers(concept.steer(layer, positions=positions, op=op))
+        at = concept.layer if not isinstance(layer, int) else layer
+        return Variant(prompt, steers, kind, concept, at, 0.0, 0.0, positions,
+                       label or f"{concept.name} ablate L{layer}", extra={"op": op})
     layer = concept.layer if layer is None else layer
-    steer = concept.steer(layer, strength, relative, positions)
+    steer = concept.steer(layer, strength, relative, positions, op=op)
     raw = steer.strength
     if strength is None:
         rel = concept.strength
@@ -176,8 +185,9 @@ def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
         rel = float(strength)
     else:
         rel = concept.raw_to_relative(steer.layer, raw)
+    name = concept.name if op == "add" else f"{concept.name} {op}"
     return Variant(prompt, [steer], kind, concept, steer.layer, rel, raw, positions,
-                   label or f"{concept.name} L{steer.layer} α{rel:.3g}")
+                   label or f"{name} L{steer.layer} α{rel:.3g}", extra={"op": op})
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
@@ -473,10 +483,12 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
 
 def compare(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
             layer: int | None = None, strength: float | None = None, *,
-            relative: bool = True, positions: Positions = "all", **run_kw) -> list[Record]:
+            relative: bool = True, positions: Positions = "all", op: str = "add",
+            **run_kw) -> list[Record]:
     """Baseline and steered rows for each prompt, one batch (2 rows per prompt)."""
     c = resolve(lab, concept)
-    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare")
+    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare",
+                            op=op)
             for p in _prompts(prompt)]
     return run(lab, rows, **run_kw)
 

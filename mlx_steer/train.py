@@ -81,15 +81,16 @@ def _completion_logprobs(lab: "Lab", x: mx.array, mask: mx.array, layer: int,
 
 def train_vector(lab: "Lab", pairs: Sequence[tuple[str, str]], layer: int,
                  init: np.ndarray, residual_norm: float, *, seed: int = 0,
-                 steps: int = MAX_STEPS, prompt: str = PROMPT,
+                 steps: int | None = None, prompt: str = PROMPT,
                  progress: Callable[[int, int], None] | None = None
                  ) -> tuple[np.ndarray, dict]:
     """The trained (hidden,) vector at `layer` and a record of the run.
 
     Shows a tqdm bar with the loss unless `progress(done, total)` is given.
     """
-    if not pairs:
-        raise InvalidArgumentError("training needs at least one pair")
+    steps = MAX_STEPS if steps is None else int(steps)
+    if not pairs or steps < 1:
+        raise InvalidArgumentError("training needs at least one pair and one step")
     if not float(np.linalg.norm(init)) > 0 or not residual_norm > 0:
         raise InvalidArgumentError("the starting vector (mean difference) is zero")
     x, mask = _batch(lab, pairs, prompt)
