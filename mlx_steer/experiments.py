@@ -557,6 +557,43 @@ def strength_explorer(lab: "Lab", prompt: str | Sequence[str], concept: ConceptL
                **run_kw)
 
 
+def method_comparison(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+                      methods: Sequence[str] = ("mean", "pca", "trained"),
+                      strength: float | None = None, *, op: str = "add",
+                      positions: Positions = "all", seed: int = 0,
+                      extract_progress: Progress | None = None,
+                      **run_kw) -> list[Record]:
+    """The concept's pairs extracted with each method at the concept's block, each
+    vector steering (`op`) at the same relative strength (default: the concept's),
+    as rows of one batched decode next to the baseline. Rows are labelled by method."""
+    c = resolve(lab, concept)
+    if not c.pairs:
+        raise InvalidArgumentError(f"{c.name!r} has no stored pairs to extract again")
+    if not methods:
+        raise InvalidArgumentError("give at least one method")
+    rule, markers = concept_eval(c), concept_markers(c)
+    alpha = c.strength if strength is None else float(strength)
+    variants = []
+    for i, m in enumerate(methods):
+        if m == c.method:
+            v = c
+        else:
+            step = (None if extract_progress is None else
+                    (lambda d, t, i=i: extract_progress(i * t + d, len(methods) * t)))
+            v = lab.extract(f"{c.name[:48]}-{m}", c.pairs, method=m, read=c.read,
+                            chat=c.template == "chat", layer=c.layer, seed=seed,
+                            calibrate=False, progress=step)
+        if rule:
+            v.extra["eval"] = rule
+        for p in _prompts(prompt):
+            variants.append(steered_variant(p, v, None if op == "ablate" else c.layer,
+                                            alpha, True, positions, kind="method",
+                                            label=m, op=op))
+            variants[-1].markers = markers
+            variants[-1].extra["method"] = m
+    return run(lab, variants, **run_kw)
+
+
 def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mapping[str, float],
                  normalize: bool = True, name: str | None = None,
                  layer: int | None = None, strength: float | None = None) -> Concept:

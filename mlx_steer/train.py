@@ -39,10 +39,10 @@ if TYPE_CHECKING:
 PROMPT = "Say something."
 ALPHA_BOUND = 0.25
 BETA = 0.1
-MAX_STEPS = 30
-PATIENCE = 5
+MAX_STEPS = 20
+PATIENCE = 4
 MIN_DELTA = 1e-3
-MINIBATCH = 8
+MINIBATCH = 4
 SMOOTHING = 0.7  # weight of the past in the loss average used for early stopping
 LR = 0.05  # Adam step per coordinate, as a fraction of bound / sqrt(hidden)
 

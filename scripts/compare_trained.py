@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             t0 = time.perf_counter()
             c = lab.extract(f"{name}-{method}", spec["pairs"], method=method, chat=chat,
-                            layer=layer, seed=args.seed, progress=lambda d, t: None)
+                            layer=layer, seed=args.seed, progress=None)
             seconds[(name, method)] = time.perf_counter() - t0
             layer = c.layer  # the same block for every method
             c.extra.update({"eval": spec["eval"], "markers": spec.get("markers", [])})

@@ -73,3 +73,23 @@ def test_extract_trained_stores_the_vector_at_its_layer(lab):
     lab.generate("hello", c.steer(strength=0.2), max_tokens=2)
     with pytest.raises(errors.InvalidArgumentError, match="layer"):
         lab.extract("probe", PAIRS[:4], method="trained", layer=lab.num_layers)
+
+
+@pytest.mark.parametrize("op", ["add", "ablate"])
+def test_method_comparison_rows_in_one_batch(lab, monkeypatch, op):
+    from mlx_steer import experiments as ex
+
+    monkeypatch.setattr(train, "MAX_STEPS", 3)
+    c = lab.extract("probe", PAIRS[:4], method="mean", calibrate=False)
+    ticks = []
+    recs = ex.method_comparison(lab, "hello", c, ("mean", "pca", "trained"), 0.3, op=op,
+                                max_tokens=3, score=False,
+                                extract_progress=lambda d, t: ticks.append((d, t)))
+    assert [r["label"] for r in recs if not r["is_baseline"]] == ["mean", "pca", "trained"]
+    assert sum(r["is_baseline"] for r in recs) == 1
+    assert {r["op"] for r in recs if not r["is_baseline"]} == {op}
+    assert ticks and ticks[-1][0] == ticks[-1][1]
+    # The mean row equals the same steer run alone.
+    alone = lab.generate("hello", c.ablate() if op == "ablate" else c.steer(c.layer, 0.3),
+                         max_tokens=3)
+    assert next(r for r in recs if r["label"] == "mean")["text"] == alone
