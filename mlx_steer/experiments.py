@@ -338,8 +338,8 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
     n_scores = 0
     if score:
         n_rows = len(variants) + sum(
-            not v.is_baseline and v.layer is not None
-            and any(s.layer < v.layer for s in v.steers) for v in variants)
+            not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
+            for v in variants)
         n_scores = math.ceil(n_rows / metric_batch)
     total = max_tokens + n_scores
     done = [0]
@@ -407,6 +407,14 @@ def _tick(done: list[int], total: int, progress: Progress | None) -> None:
         progress(min(done[0], total), total)
 
 
+def _needs_steered_pass(v: Variant) -> bool:
+    """False when nothing upstream of the probed block is steered and only additions are:
+    the steered output there is exactly the unsteered one plus the steers added, so the
+    projection needs no extra pass."""
+    return not all(s.op == "add" and isinstance(s.layer, int) and s.layer >= v.layer
+                   for s in v.steers)
+
+
 def _added_projection(steers: Sequence[Steer], layer: int, unit: np.ndarray, prompt_len: int,
                       n_gen: int) -> float:
     """Mean over the generated positions of ⟨Σ active deltas at `layer`, unit⟩."""
@@ -445,11 +453,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             ue.probes.append((v.layer, unit, "text_" + key))
             if v.is_baseline:
                 ue.probes.append((v.layer, unit, key))
-            elif all(s.op == "add" and isinstance(s.layer, int) and s.layer >= v.layer
-                     for s in v.steers):
-                # Nothing upstream of the probed block is steered and only additions are,
-                # so its steered output is exactly the unsteered one plus the steers added
-                # there: no extra pass.
+            elif not _needs_steered_pass(v):
                 added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
             else:
                 se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,

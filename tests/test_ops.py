@@ -244,3 +244,19 @@ def test_smollm_ablation_cap_and_batched_ops(smollm):
         alone = smollm.generate_batch_tokens([(prompt, steer)], max_tokens=4)[0]
         assert row.tokens == alone.tokens
         np.testing.assert_allclose(row.first_logprobs, alone.first_logprobs, atol=2e-3)
+
+
+def test_experiment_rows_with_ops_are_scored(lab):
+    from mlx_steer import experiments as ex
+
+    c = concept_of(lab)
+    rows = [ex.steered_variant(PROMPT, c, op="ablate"),
+            ex.steered_variant(PROMPT, c, 2, 0.0, op="cap"),
+            ex.steered_variant(PROMPT, c, 2, 0.3)]
+    recs = ex.run(lab, rows, max_tokens=4)
+    base, abl, cap, add = recs
+    assert base["is_baseline"] and not cap["is_baseline"]  # a cap at 0 is not a no-op
+    assert [r["op"] for r in recs[1:]] == ["ablate", "cap", "add"]
+    assert abs(abl["projection"]) < 1e-4 * max(1.0, abs(abl["projection_baseline"]))
+    assert cap["projection"] <= 1e-4
+    assert add["projection"] > add["projection_baseline"]
