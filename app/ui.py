@@ -233,8 +233,8 @@ OPS = {"add": "add the vector",
 def op_select(key: str) -> str:
     """The operation on the residual stream: add (default), ablate or cap."""
     return st.radio("Operation", list(OPS), key=key, format_func=OPS.get, horizontal=True,
-                    help="add: h + α·v. ablate: h − (h·v̂)v̂ (α ignored; at every block and "
-                         "the embedding output unless one block is chosen). cap: the "
+                    help="add: h + α·v. ablate: h − (h·v̂)v̂ (α ignored; at every block "
+                         "and the embedding output unless one block is chosen). cap: the "
                          "component along v̂ is held at most at α × the median residual "
                          "norm of the block.")
 

@@ -101,7 +101,8 @@ def _project_rows(w: mx.array, units: list[np.ndarray]) -> mx.array:
 
 
 def _project_outputs(w: mx.array, units: list[np.ndarray]) -> mx.array:
-    """A (D, in) weight whose outputs lose their components along the units: W − v̂ (v̂ᵀ W)."""
+    """A (D, in) weight whose outputs lose their components along the units:
+    W − v̂ (v̂ᵀ W)."""
     dt = w.dtype
     out = w.astype(mx.float32)
     for u in units:
