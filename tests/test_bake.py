@@ -113,3 +113,14 @@ def test_smollm_baked_equals_runtime(smollm, tmp_path):
     assert np.array_equal(np.argmax(baked, -1), np.argmax(runtime, -1))
     assert tok.apply_chat_template([{"role": "user", "content": "Tell me about the sea."}],
                                    add_generation_prompt=True) == tokens
+
+
+def test_quantised_weights_are_refused(tmp_path):
+    import mlx.nn as nn
+
+    lab = tiny_lab("mistral")
+    nn.quantize(lab.model, group_size=32, bits=8,
+                class_predicate=lambda p, m: isinstance(m, nn.Linear) and "q_proj" in p)
+    with pytest.raises(errors.UnsupportedModelError, match="quantised"):
+        lab.bake(Steer(vec(lab), "all", op="ablate"), tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -282,7 +282,6 @@ class ResidualWriters:
         self.blocks: list[list[str]] = []
         self.mlp_biases: list[dict[str, int]] | None = (
             [] if hasattr(model.args, "mlp_bias") else None)
-        modules = [model.model.embed_tokens]
         for i, layer in enumerate(decoder_layers(model)):
             attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             o_proj, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
@@ -290,7 +289,6 @@ class ResidualWriters:
                 raise UnsupportedModelError(
                     f"block {i} of {type(model).__name__} has no self_attn.o_proj and "
                     "mlp.down_proj: cannot fold steering into its weights")
-            modules += [o_proj, down]
             prefix = f"model.layers.{i}"
             self.blocks.append([f"{prefix}.self_attn.o_proj", f"{prefix}.mlp.down_proj"])
             if self.mlp_biases is not None:
@@ -300,7 +298,8 @@ class ResidualWriters:
                 else:
                     self.mlp_biases.append({f"{prefix}.mlp.{n}.bias": int(p.weight.shape[0])
                                             for n, p in projs.items()})
-        if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in modules):
+        quantised = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        if any(isinstance(m, quantised) for _, m in model.named_modules()):
             raise UnsupportedModelError(
                 "the model's weights are quantised: load it with float weights "
                 "(GGUF: dequantize=True, the CPU default) to fold steering into them")
