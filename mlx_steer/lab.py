@@ -147,8 +147,8 @@ class Lab:
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
-            expanded = self._check(t, steers)
-        steers = expanded
+            self._check(t, steers)
+        steers = expand_steers(steers, self.num_layers)
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
         x = mx.array([[0] * p + t for p, t in zip(pads, toks)])

@@ -260,3 +260,11 @@ def test_experiment_rows_with_ops_are_scored(lab):
     assert abs(abl["projection"]) < 1e-4 * max(1.0, abs(abl["projection_baseline"]))
     assert cap["projection"] <= 1e-4
     assert add["projection"] > add["projection_baseline"]
+
+
+def test_hidden_states_batch_with_ranges_equals_single(lab):
+    v = vec(lab)
+    s = [Steer(v, "all", op="ablate"), Steer(v, (1, 3), 0.2, op="cap")]
+    batch = lab.hidden_states_batch([PROMPT, "Hi there"], steer=s)
+    for text, h in zip([PROMPT, "Hi there"], batch):
+        np.testing.assert_allclose(h, lab.hidden_states(text, s), atol=1e-5, rtol=1e-5)
