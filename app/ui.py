@@ -225,16 +225,35 @@ def chart(c: alt.TopLevelMixin, key: str | None = None, **kw):
     return st.altair_chart(c, width="stretch", key=key, **kw)
 
 
+OPS = {"add": "add the vector",
+       "ablate": "ablate its direction (remove the component)",
+       "cap": "cap the component along it at α"}
+
+
+def op_select(key: str) -> str:
+    """The operation on the residual stream: add (default), ablate or cap."""
+    return st.radio("Operation", list(OPS), key=key, format_func=OPS.get, horizontal=True,
+                    help="add: h + α·v. ablate: h − (h·v̂)v̂ (α ignored; at every block "
+                         "and the embedding output unless one block is chosen). cap: the "
+                         "component along v̂ is held at most at α × the median residual "
+                         "norm of the block.")
+
+
 def injection_summary(concept: mlx_steer.Concept, layer: int, strength: float,
-                      relative: bool, positions: str, num_layers: int) -> dict:
+                      relative: bool, positions: str, num_layers: int,
+                      op: str = "add") -> dict:
     """What was injected, in numbers (shown under the playground outputs)."""
+    if op == "ablate":
+        return {"concept": concept.name, "operation": "ablate", "layer": str(layer),
+                "direction from block": concept.layer, "positions": positions}
     raw = concept.relative_to_raw(layer, strength) if relative else strength
     alpha = concept.raw_to_relative(layer, raw)
     stage = lens.layer_stage(layer, num_layers)
     return {
-        "concept": concept.name, "layer": layer, "stage": stage["title"],
+        "concept": concept.name, "operation": op, "layer": layer, "stage": stage["title"],
         "alpha": round(alpha, 4), "raw strength": round(raw, 4),
-        "‖injected‖": round(abs(raw) * concept.vector_norm(layer), 2),
+        ("cap on h·v̂" if op == "cap" else "‖injected‖"):
+            round((raw if op == "cap" else abs(raw)) * concept.vector_norm(layer), 2),
         "median ‖h‖ at layer": round(float(concept.norms[layer]), 2),
         "positions": positions,
     }

@@ -20,6 +20,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from .steer import OPS
+
 PROG = "mlx-steer"
 REEXEC_GUARD = "MLX_STEER_REEXEC"  # set in the re-executed process: never loop
 NO_PRELOAD = "MLX_STEER_NO_PRELOAD"  # set to 1 to skip the OpenBLAS re-exec
@@ -47,7 +49,10 @@ examples:
   mlx-steer sweep --prompt "Describe a city." --concept pirate --strengths 0.1,0.2,0.4
   mlx-steer sweep --prompt "Describe a city." --concept pirate --layers 4,8,12,16,20
   mlx-steer mix --prompt "Tell me about trains." --concepts happy:0.7,excited:0.3 --save
+  mlx-steer generate --prompt "Write a birthday card." --concept happy --op ablate
   mlx-steer extract --name polite --pairs pairs.json
+  mlx-steer extract --name polite --pairs pairs.json --method trained
+  mlx-steer bake --out no-happy --ablate happy
   mlx-steer concepts list
   mlx-steer introspect --trials 20 --json
   mlx-steer eval --concept happy --concept pirate
@@ -245,6 +250,10 @@ def build_parser() -> Parser:
                 "steered, printed side by side with their metrics.")
     p.add_argument("--prompt", required=True, help="the user message (chat template applied)")
     _steering(p)
+    p.add_argument("--op", choices=OPS, default="add",
+                   help="add the vector (default); ablate its direction (strength ignored; "
+                        "default layer: every block and the embedding output); or cap the "
+                        "component along it at --strength")
     _sampling(p)
     p.add_argument("--no-metrics", action="store_true",
                    help="skip the model-based metrics (perplexity, projection)")
@@ -299,9 +308,15 @@ def build_parser() -> Parser:
                 "lines, or tab-separated lines 'positive<TAB>negative'.")
     p.add_argument("--name", required=True, help="concept name (letters, digits, _ or -)")
     p.add_argument("--pairs", required=True, metavar="FILE", help="the pairs file")
-    p.add_argument("--method", choices=("mean", "pca", "classic"), default="mean",
-                   help="mean of differences (default), first principal component, or the "
-                        "first pair only")
+    p.add_argument("--method", choices=("mean", "pca", "classic", "trained"), default="mean",
+                   help="mean of differences (default), first principal component, the "
+                        "first pair only, or a vector trained at one layer with a "
+                        "bi-directional preference objective (slower; see --layer, --seed)")
+    p.add_argument("--layer", type=int, metavar="L",
+                   help="the block to recommend (and, with --method trained, to train at); "
+                        "default: the block where the pairs separate best")
+    p.add_argument("--seed", type=int, default=0, metavar="K",
+                   help="seed of the trained method's minibatches (default 0)")
     p.add_argument("--read", choices=("last", "mean"), default="last",
                    help="read the last token (default) or the mean over tokens")
     p.add_argument("--chat", action="store_true",
@@ -310,6 +325,23 @@ def build_parser() -> Parser:
     p.add_argument("--no-save", action="store_true", help="don't save it")
     p.add_argument("--force", action="store_true", help="replace a saved concept of that name")
     p.set_defaults(func=cmd_extract)
+
+    p = command("bake", "write an MLX model folder with steering folded into the weights",
+                "Fold steering into the weights and write an MLX model folder that plain "
+                "`mlx_lm.load(folder)` opens without mlx-steer: --ablate removes a concept's "
+                "direction at every block (the weights writing into the residual stream are "
+                "orthogonalised), --add adds a concept at one block (a bias on that block's "
+                "MLP down projection; llama-family models only). Weights act on every "
+                "token, position 0 included. The folder carries mlx_steer_bake.json and a "
+                "README saying what was baked.")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--ablate", action="append", default=[], metavar="NAME",
+                   help="a concept whose direction to ablate everywhere (repeatable)")
+    p.add_argument("--add", action="append", default=[], metavar="NAME[:S][@L]",
+                   help="a concept to add at block L (default: recommended) with relative "
+                        "strength S (default: recommended), e.g. happy:0.3@12 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_bake)
 
     p = command("concepts", "list, show, export, import or delete concepts",
                 "Manage concepts: the 17 built-ins and the concepts saved for the model.")
@@ -651,11 +683,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     concept = _source(lab, args)
     with Bar(args, "generating", "token") as bar:
         rows = X.compare(lab, args.prompt, concept, args.layer, args.strength,
-                         relative=not args.raw, positions=args.positions,
+                         relative=not args.raw, positions=args.positions, op=args.op,
                          **_run_kw(args, bar))
     base, steered = rows[0], rows[1]
     obj = {"model": lab.name, "prompt": args.prompt, "concept": steered["concept"],
-           "layer": steered["layer"], "strength": steered["strength"],
+           "op": args.op, "layer": ("all" if args.op == "ablate" and args.layer is None
+                                    else steered["layer"]),
+           "strength": steered["strength"],
            "raw_strength": steered["raw_strength"], "positions": args.positions,
            "baseline": base["text"], "steered": steered["text"], "rows": rows}
 
@@ -805,17 +839,55 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"a concept {name!r} is already saved for this model; give --force to replace it")
     with Bar(args, f"extracting {name}", "text") as bar:
+        if args.layer is not None:
+            lab_layer(lab, args.layer)
         c = lab.extract(name, pairs, method=args.method, read=args.read, chat=args.chat,
-                        progress=bar, description=args.description)
+                        progress=bar, description=args.description, layer=args.layer,
+                        seed=args.seed)
     path = None if args.no_save else lab.save_concept(c)
     obj = {"model": lab.name, "name": c.name, "layer": c.layer, "strength": c.strength,
            "raw_strength": c.relative_to_raw(c.layer, c.strength), "method": c.method,
            "read": c.read, "pairs": len(c.pairs), "saved": path,
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid")}
+           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid"),
+           "trained": c.extra.get("trained")}
     _emit(args, obj, lambda: (
         f"{c.name}: {len(c.pairs)} pairs, method {c.method}; recommended layer {c.layer}, "
         f"strength {_fmt(c.strength)} (relative)" + (f"\nsaved to {path}" if path else
                                                      "\nnot saved")))
+    return 0
+
+
+def _add_spec(text: str) -> tuple[str, float | None, int | None]:
+    """NAME[:STRENGTH][@LAYER] of `bake --add`."""
+    rest, _, layer = text.partition("@")
+    name, _, strength = rest.partition(":")
+    try:
+        return (name.strip(), float(strength) if strength.strip() else None,
+                int(layer) if layer.strip() else None)
+    except ValueError:
+        raise UsageError(f"--add expects NAME[:STRENGTH][@LAYER], got {text!r}") from None
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import NOTE
+
+    if not args.ablate and not args.add:
+        raise UsageError("give at least one --ablate or --add concept")
+    specs = [_add_spec(t) for t in args.add]
+    lab = _lab(args)
+    steers = [_concept(lab, name, args).ablate(positions=0) for name in args.ablate]
+    for name, strength, layer in specs:
+        if layer is not None:
+            lab_layer(lab, layer)
+        steers.append(_concept(lab, name, args).steer(layer, strength, positions=0))
+    path = lab.bake(steers, args.out, overwrite=args.overwrite)
+    note = json.loads((path / NOTE).read_text())
+    obj = {"model": lab.name, "path": str(path), "ablate": args.ablate,
+           "add": [{"concept": n, "strength": s, "layer": la} for n, s, la in specs],
+           "note": note}
+    _emit(args, obj, lambda: (
+        f"wrote {path} ({len(note['operations'])} operation(s) baked); open it with "
+        f"mlx_lm.load({str(path)!r})"))
     return 0
 
 

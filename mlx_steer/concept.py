@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import (InvalidArgumentError, InvalidStrengthError, LayerOutOfRangeError,
                      ModelMismatchError)
-from .steer import Positions, Steer
+from .steer import Layer, Positions, Steer
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -85,25 +85,58 @@ class Concept:
         norm = float(self.norms[self._layer(layer)])
         return 0.0 if norm == 0 else float(raw) * self.vector_norm(layer) / norm
 
-    def steer(self, layer: int | None = None, strength: float | None = None,
-              relative: bool = True, positions: Positions = "all") -> Steer:
+    def steer(self, layer: Layer | None = None, strength: float | None = None,
+              relative: bool = True, positions: Positions = "all",
+              op: str = "add") -> Steer | list[Steer]:
         """A `Steer` at `layer` (default: recommended) and `strength`.
 
         With `relative` (default) the strength is a fraction of the residual
         norm at that layer (0.25 = a quarter of a typical token's norm); else
-        it multiplies the raw vector.
+        it multiplies the raw vector. `op` is "add", "ablate" (strength ignored)
+        or "cap" (the component along the direction is held at most at
+        strength × the median residual norm of that block).
+
+        `layer` may also be a `(start, stop)` range or "all": then one direction,
+        the recommended layer's vector, is used at every block (as weight
+        orthogonalisation does), and for "add"/"cap" a list of one `Steer` per
+        block is returned, each relative strength converted with that block's norm.
         """
+        if isinstance(layer, (tuple, list, str)):
+            return self._steer_range(layer, strength, relative, positions, op)
         layer = self.layer if layer is None else self._layer(layer)
+        if op == "ablate":
+            return Steer(self.vectors[layer], layer, 1.0, positions, self.model_fingerprint,
+                         op=op)
         if strength is None:
             strength, relative = self.strength, True
-        try:
-            s = float(strength)
-        except (TypeError, ValueError):
-            raise InvalidStrengthError(f"strength must be a number, got {strength!r}") from None
-        if not math.isfinite(s):
-            raise InvalidStrengthError(f"strength must be finite, got {s}")
+        s = _strength(strength)
         raw = self.relative_to_raw(layer, s) if relative else s
-        return Steer(self.vectors[layer], layer, raw, positions, self.model_fingerprint)
+        return Steer(self.vectors[layer], layer, raw, positions, self.model_fingerprint, op=op)
+
+    def _steer_range(self, layer, strength, relative, positions, op) -> Steer | list[Steer]:
+        v = self.vectors[self.layer]
+        span = Steer(v, layer, 1.0, positions, self.model_fingerprint, op=op)
+        for i in span.layers(self.num_layers):
+            if i >= 0:
+                self._layer(i)
+        if op == "ablate":
+            return span
+        if strength is None:
+            strength, relative = self.strength, True
+        s = _strength(strength)
+        n = float(np.linalg.norm(v))
+        return [Steer(v, i, (s * float(self.norms[i]) / n if n else 0.0) if relative else s,
+                      positions, self.model_fingerprint, op=op)
+                for i in span.layers(self.num_layers)]
+
+    def ablate(self, layer: Layer = "all", positions: Positions = "all") -> Steer:
+        """Remove the concept's direction (the recommended layer's vector) from the
+        residual stream at `layer`: every block and the embedding output by default."""
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            self._layer(layer)
+            return Steer(self.vectors[self.layer], int(layer), 1.0, positions,
+                         self.model_fingerprint, op="ablate")
+        return self._steer_range(layer, None, True, positions, "ablate")
 
     def steers(self, layers: Iterable[int], strength: float | None = None,
                relative: bool = True, positions: Positions = "all") -> list[Steer]:
@@ -211,3 +244,13 @@ class Concept:
                    strength=float(rel[layer]), model_fingerprint=lab.fingerprint,
                    model_name=lab.name, method="gguf", category="imported",
                    description=f"imported from {Path(path).name}")
+
+
+def _strength(strength) -> float:
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise InvalidStrengthError(f"strength must be a number, got {strength!r}") from None
+    if not math.isfinite(s):
+        raise InvalidStrengthError(f"strength must be finite, got {s}")
+    return s

@@ -49,7 +49,7 @@ from . import distributed
 from . import metrics as M
 from .concept import Concept
 from .errors import InvalidArgumentError
-from .steer import Positions, Steer
+from .steer import Positions, Steer, as_steers
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -85,7 +85,7 @@ class Variant:
 
     @property
     def is_baseline(self) -> bool:
-        return not any(s.strength != 0.0 for s in self.steers)
+        return all(s.is_noop for s in self.steers)
 
 
 # ---- concept helpers ------------------------------------------------------------
@@ -165,11 +165,20 @@ def concept_score(rule: dict | None, m: Mapping[str, Any]) -> float | None:
 def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
                     strength: float | None = None, relative: bool = True,
                     positions: Positions = "all", kind: str = "steered",
-                    label: str = "") -> Variant:
+                    label: str = "", op: str = "add") -> Variant:
     """A row steering `concept` at `layer` (default: its recommended layer) with that
-    layer's own vector; `strength` relative unless `relative=False` (then raw)."""
+    layer's own vector; `strength` relative unless `relative=False` (then raw).
+
+    `op` is "add", "cap" or "ablate" (default layer for "ablate": "all", every write
+    into the residual stream, with the recommended layer's direction)."""
+    if op == "ablate":
+        layer = "all" if layer is None else layer
+        steers = as_steers(concept.steer(layer, positions=positions, op=op))
+        at = concept.layer if not isinstance(layer, int) else layer
+        return Variant(prompt, steers, kind, concept, at, 0.0, 0.0, positions,
+                       label or f"{concept.name} ablate L{layer}", extra={"op": op})
     layer = concept.layer if layer is None else layer
-    steer = concept.steer(layer, strength, relative, positions)
+    steer = concept.steer(layer, strength, relative, positions, op=op)
     raw = steer.strength
     if strength is None:
         rel = concept.strength
@@ -177,8 +186,9 @@ def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
         rel = float(strength)
     else:
         rel = concept.raw_to_relative(steer.layer, raw)
+    name = concept.name if op == "add" else f"{concept.name} {op}"
     return Variant(prompt, [steer], kind, concept, steer.layer, rel, raw, positions,
-                   label or f"{concept.name} L{steer.layer} α{rel:.3g}")
+                   label or f"{name} L{steer.layer} α{rel:.3g}", extra={"op": op})
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
@@ -401,8 +411,8 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
     n_scores = 0
     if score:
         n_rows = len(variants) + sum(
-            not v.is_baseline and v.layer is not None
-            and any(s.layer < v.layer for s in v.steers) for v in variants)
+            not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
+            for v in variants)
         n_scores = math.ceil(n_rows / metric_batch)
     total = max_tokens + n_scores
     done = [0]
@@ -469,6 +479,14 @@ def _tick(done: list[int], total: int, progress: Progress | None) -> None:
         progress(min(done[0], total), total)
 
 
+def _needs_steered_pass(v: Variant) -> bool:
+    """False when nothing upstream of the probed block is steered and only additions are:
+    the steered output there is exactly the unsteered one plus the steers added, so the
+    projection needs no extra pass."""
+    return not all(s.op == "add" and isinstance(s.layer, int) and s.layer >= v.layer
+                   for s in v.steers)
+
+
 def _added_projection(steers: Sequence[Steer], layer: int, unit: np.ndarray, prompt_len: int,
                       n_gen: int) -> float:
     """Mean over the generated positions of ⟨Σ active deltas at `layer`, unit⟩."""
@@ -507,9 +525,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             ue.probes.append((v.layer, unit, "text_" + key))
             if v.is_baseline:
                 ue.probes.append((v.layer, unit, key))
-            elif all(s.layer >= v.layer for s in v.steers):
-                # Nothing upstream of the probed block is steered, so its steered output
-                # is exactly the unsteered one plus the steers added there: no extra pass.
+            elif not _needs_steered_pass(v):
                 added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
             else:
                 se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
@@ -520,7 +536,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             if b is not None and b in unsteered and b != i:
                 unsteered[b].probes.append((v.layer, unit, "base_" + key))
     for e in entries:
-        lab._check(e.tokens, e.steers)
+        e.steers = lab._check(e.tokens, e.steers)
     # Group similar lengths together: less padding per pass.
     order = sorted(entries, key=lambda e: len(e.tokens))
     score_passes(lab, order, metric_batch, tick)
@@ -543,10 +559,12 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
 
 def compare(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
             layer: int | None = None, strength: float | None = None, *,
-            relative: bool = True, positions: Positions = "all", **run_kw) -> list[Record]:
+            relative: bool = True, positions: Positions = "all", op: str = "add",
+            **run_kw) -> list[Record]:
     """Baseline and steered rows for each prompt, one batch (2 rows per prompt)."""
     c = resolve(lab, concept)
-    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare")
+    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare",
+                            op=op)
             for p in _prompts(prompt)]
     return run(lab, rows, **run_kw)
 
@@ -613,6 +631,43 @@ def strength_explorer(lab: "Lab", prompt: str | Sequence[str], concept: ConceptL
     c = resolve(lab, concept)
     return run(lab, strength_variants(prompt, c, strengths, layer, relative, positions),
                **run_kw)
+
+
+def method_comparison(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+                      methods: Sequence[str] = ("mean", "pca", "trained"),
+                      strength: float | None = None, *, op: str = "add",
+                      positions: Positions = "all", seed: int = 0,
+                      extract_progress: Progress | None = None,
+                      **run_kw) -> list[Record]:
+    """The concept's pairs extracted with each method at the concept's block, each
+    vector steering (`op`) at the same relative strength (default: the concept's),
+    as rows of one batched decode next to the baseline. Rows are labelled by method."""
+    c = resolve(lab, concept)
+    if not c.pairs:
+        raise InvalidArgumentError(f"{c.name!r} has no stored pairs to extract again")
+    if not methods:
+        raise InvalidArgumentError("give at least one method")
+    rule, markers = concept_eval(c), concept_markers(c)
+    alpha = c.strength if strength is None else float(strength)
+    variants = []
+    for i, m in enumerate(methods):
+        if m == c.method:
+            v = c
+        else:
+            step = (None if extract_progress is None else
+                    (lambda d, t, i=i: extract_progress(i * t + d, len(methods) * t)))
+            v = lab.extract(f"{c.name[:48]}-{m}", c.pairs, method=m, read=c.read,
+                            chat=c.template == "chat", layer=c.layer, seed=seed,
+                            calibrate=False, progress=step)
+        if rule:
+            v.extra["eval"] = rule
+        for p in _prompts(prompt):
+            variants.append(steered_variant(p, v, None if op == "ablate" else c.layer,
+                                            alpha, True, positions, kind="method",
+                                            label=m, op=op))
+            variants[-1].markers = markers
+            variants[-1].extra["method"] = m
+    return run(lab, variants, **run_kw)
 
 
 def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mapping[str, float],

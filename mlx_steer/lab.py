@@ -11,10 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import bake as baking
 from . import generation
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
-from .steer import Steer, SteerLike, as_steers, check_steers
+from .steer import Steer, SteerLike, as_steers, check_steers, expand_steers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -98,7 +99,9 @@ class Lab:
             ids = self.tokenizer.encode(text)
         return list(ids)
 
-    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0):
+    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
+               ) -> list[Steer]:
+        """Raise a typed error for bad input; the steers with layer ranges expanded."""
         if not tokens:
             raise EmptyPromptError("the prompt encodes to no tokens")
         if len(tokens) + max_tokens > self.context_length:
@@ -108,6 +111,7 @@ class Lab:
                 + f", more than this model's context of {self.context_length}; "
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+        return expand_steers(steers, self.num_layers)
 
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0) -> None:
@@ -125,8 +129,7 @@ class Lab:
         generated sequence can be replayed exactly.
         """
         tokens = self.encode(text, chat) if isinstance(text, str) else list(text)
-        steers = as_steers(steer)
-        self._check(tokens, steers)
+        steers = self._check(tokens, as_steers(steer))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
         caches = base.make_caches(self.model, plans, capture=True)
         logits = self.model(mx.array(tokens)[None], cache=caches)
@@ -155,6 +158,7 @@ class Lab:
         steers = as_steers(steer)
         for t in toks:
             self._check(t, steers)
+        steers = expand_steers(steers, self.num_layers)
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
         x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
@@ -173,9 +177,8 @@ class Lab:
                top_p: float = 1.0) -> Iterator[str]:
         """Yield the generated text piece by piece (mlx-lm's `stream_generate`)."""
         tokens = self.encode(prompt, chat)
-        steers = as_steers(steer)
         _check_options(max_tokens, temperature, top_p)
-        self._check(tokens, steers, max_tokens)
+        steers = self._check(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
         return generation.stream(self.model, self.tokenizer, tokens, caches,
@@ -216,8 +219,7 @@ class Lab:
         toks, rows = [], []
         for prompt, steer in requests:
             t = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-            s = as_steers(steer)
-            self._check(t, s, max_tokens)
+            s = self._check(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
@@ -323,11 +325,22 @@ class Lab:
 
     def extract(self, name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
                 read: str = "last", chat: bool = False,
-                progress: Callable[[int, int], None] | None = None, **meta) -> "Concept":
-        """A concept from (positive, negative) pairs: a vector for every layer (not saved)."""
+                progress: Callable[[int, int], None] | None = None,
+                layer: int | None = None, seed: int = 0, **meta) -> "Concept":
+        """A concept from (positive, negative) pairs: a vector for every layer (not saved).
+
+        `method`: "mean", "pca", "classic" or "trained" (a preference-trained vector at
+        `layer`, default the recommended block; see `mlx_steer.train`)."""
         from .extract import extract
 
-        return extract(self, name, pairs, method, read, chat, progress, **meta)
+        return extract(self, name, pairs, method, read, chat, progress, layer=layer,
+                       seed=seed, **meta)
+
+    def bake(self, steer: SteerLike, path: "str | Path", overwrite: bool = False) -> "Path":
+        """Write an MLX model folder with `steer` folded into the weights (ablation at
+        every block, additions at one block each); `mlx_lm.load(path)` opens it
+        without mlx-steer. See `mlx_steer.bake` for what can be baked."""
+        return baking.save(self, steer, path, overwrite)
 
     def save_concept(self, concept: "Concept") -> "Path":
         """Save to this model's library (atomic; refuses another model's concept)."""

@@ -268,6 +268,29 @@ def test_playground_raw_strength_mode():
     assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
 
 
+def test_playground_ablation_and_cap():
+    at = open_page("playground")
+    m = lab()
+    happy = m.concept("happy")
+    at.slider(key="pg_max_tokens").set_value(8)
+    at.radio(key="pg_op").set_value("ablate").run()
+    ok(at)
+    assert at.checkbox(key="pg_ablate_all").value  # every block by default
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["summary"]["operation"] == "ablate" and res["summary"]["layer"] == "all"
+    assert res["steered"] == m.generate(res["prompt"], happy.ablate(), max_tokens=8)
+    at.radio(key="pg_op").set_value("cap").run()
+    at.slider(key="pg_alpha").set_value(0.0)
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["summary"]["operation"] == "cap" and res["summary"]["cap on h·v̂"] == 0
+    steer = happy.steer(res["summary"]["layer"], 0.0, op="cap")
+    assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
+
+
 def test_playground_demo_button_fills_the_controls():
     at = open_page("playground")
     at.button(key="pg_demo_btn").click().run()
@@ -389,6 +412,21 @@ def test_experiments_layer_strength_and_mix(created):
     assert any("no concept “friendly”" in w.value for w in at.warning)
     assert any("not name:weight" in w.value for w in at.warning)
     assert at.button(key="exp_mix_btn").disabled
+
+
+def test_experiments_methods_and_operations():
+    at = open_page("experiments")
+    at.slider(key="exp_methods_tokens").set_value(4)
+    at.multiselect(key="exp_methods_methods").set_value(["mean", "pca"])
+    at.radio(key="exp_methods_op").set_value("cap")
+    at.slider(key="exp_methods_alpha").set_value(0.1)
+    at.button(key="exp_methods_btn").click().run()
+    ok(at)
+    recs = at.session_state["exp_methods"]
+    assert [r["label"] for r in recs if not r["is_baseline"]] == ["mean", "pca"]
+    assert {r["op"] for r in recs if not r["is_baseline"]} == {"cap"}
+    bars = chart_with(at, "label", "concept_score", exact=True)
+    assert len(bars) == 3
 
 
 # ---- Introspection ----------------------------------------------------------------------

@@ -33,16 +33,17 @@ VOCAB = 256 + len(SPECIALS)
 
 
 def tiny_model(kind: str, seed: int = 0, layers: int = 4, hidden: int = 64):
-    """A real mlx-lm model ("mistral", "phi3" or "qwen2") with tiny random weights."""
+    """A real mlx-lm model ("llama" (tied embeddings), "mistral", "phi3" or "qwen2")
+    with tiny random weights."""
     mx.random.seed(seed)
     common = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                   vocab_size=VOCAB, max_position_embeddings=512)
-    if kind == "mistral":
+    if kind in ("mistral", "llama"):
         from mlx_lm.models import llama
 
-        model = llama.Model(llama.ModelArgs(model_type="mistral", tie_word_embeddings=False,
-                                            **common))
+        model = llama.Model(llama.ModelArgs(model_type=kind,
+                                            tie_word_embeddings=kind == "llama", **common))
     elif kind == "phi3":
         from mlx_lm.models import phi3
 
