@@ -114,10 +114,11 @@ class Lab:
         return expand_steers(steers, self.num_layers)
 
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
-                      temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Raise the typed error `generate` would raise for this request (tokens given)."""
+                      temperature: float = 0.0, top_p: float = 1.0) -> list[Steer]:
+        """Raise the typed error `generate` would raise for this request (tokens given);
+        return its steers with layer ranges expanded, as `generate` would run them."""
         _check_options(max_tokens, temperature, top_p)
-        self._check(tokens, steers, max_tokens)
+        return self._check(tokens, steers, max_tokens)
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
