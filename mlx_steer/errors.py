@@ -59,3 +59,12 @@ class CorruptFileError(MlxSteerError, ValueError):
 
 class InvalidArgumentError(MlxSteerError, ValueError):
     """Any other argument that is out of range or malformed."""
+
+
+class InvalidTokenError(InvalidArgumentError):
+    """A token id that is not an integer in 0 … vocab_size-1."""
+
+
+class StorageError(MlxSteerError, OSError):
+    """A file could not be written (disk full, no permission, missing folder); nothing
+    already saved was changed."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from . import validate
 from .errors import (
+    InvalidArgumentError,
     InvalidPositionsError,
     InvalidStrengthError,
     LayerOutOfRangeError,
@@ -23,8 +24,12 @@ NEVER = 2**30  # an absolute position no sequence reaches
 
 def _as_vector(vector) -> np.ndarray:
     try:
-        v = np.array(vector, dtype=np.float32, copy=True)
-    except (TypeError, ValueError) as e:
+        raw = np.asarray(vector)
+        if raw.dtype.kind not in "iuf":  # no text, bool, complex or objects
+            raise TypeError(f"its values are of type {raw.dtype}, not real numbers")
+        with np.errstate(over="ignore"):
+            v = np.array(raw, dtype=np.float32, copy=True)
+    except (TypeError, ValueError, OverflowError) as e:
         raise VectorShapeError(f"the steering vector is not numeric: {e}") from None
     if v.ndim == 2 and 1 in v.shape:
         v = v.reshape(-1)
@@ -69,20 +74,12 @@ class Steer:
         if self.layer < 0:
             raise LayerOutOfRangeError(f"layer must be >= 0, got {self.layer}")
         object.__setattr__(self, "layer", int(self.layer))
-        try:
-            s = float(self.strength)
-        except (TypeError, ValueError):
-            raise InvalidStrengthError(
-                f"strength must be a number, got {self.strength!r}"
-            ) from None
-        if not math.isfinite(s):
-            raise InvalidStrengthError(f"strength must be finite, got {s}")
-        object.__setattr__(self, "strength", s)
+        object.__setattr__(self, "strength",
+                           validate.real(self.strength, "strength", InvalidStrengthError))
         p = self.positions
         if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
-            if p < 0:
-                raise InvalidPositionsError(f"positions must be >= 0, got {p}")
-            object.__setattr__(self, "positions", int(p))
+            object.__setattr__(self, "positions",
+                               validate.integer(p, "positions", 0, NEVER, InvalidPositionsError))
         elif p not in POSITION_RULES:
             raise InvalidPositionsError(
                 f"positions must be one of {POSITION_RULES} or an int >= 0, got {p!r}"
@@ -127,10 +124,13 @@ def as_steers(steer: SteerLike) -> list[Steer]:
         return []
     if isinstance(steer, Steer):
         return [steer]
+    if isinstance(steer, (str, bytes)) or not isinstance(steer, Iterable):
+        raise InvalidArgumentError(
+            f"steer must be a Steer, a list of Steers or None, got {type(steer).__name__}")
     out = list(steer)
     for s in out:
         if not isinstance(s, Steer):
-            raise TypeError(f"expected Steer objects, got {type(s).__name__}")
+            raise InvalidArgumentError(f"expected Steer objects, got {type(s).__name__}")
     return out
 
 
