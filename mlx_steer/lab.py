@@ -13,7 +13,7 @@ import numpy as np
 
 from . import generation
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
-from . import validate
+from . import threads, validate
 from .models import base
 from .steer import Steer, SteerLike, as_steers, check_steers
 
@@ -118,6 +118,7 @@ class Lab:
                 + f", more than this model's context of {self.context_length}; "
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+        threads.note_thread()  # this thread is about to run the model
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,

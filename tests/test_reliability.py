@@ -319,3 +319,48 @@ def test_gguf_with_huge_values_is_refused(lab, tmp_path):
         Concept.from_gguf(path, lab)
     with pytest.raises(errors.InvalidArgumentError, match="no such file"):
         Concept.from_gguf(tmp_path / "missing.gguf", lab)
+
+
+# ---- 2. a clean exit after many threads ran the model -------------------------------
+
+THREADS_CHILD = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from tiny import tiny_lab
+lab = tiny_lab("mistral", layers=2, hidden=256)
+n = int(sys.argv[2])
+out = [None] * n
+def run(i):
+    out[i] = lab.generate_batch([("Tell me a story.", None)] * 3, max_tokens=4)
+ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+assert all(isinstance(o, list) and o == out[0] for o in out), out
+print("ok", n)
+"""
+
+
+def test_many_threads_then_a_clean_exit(tmp_path):
+    """18 threads generating on one Lab, then exit: status 0 every time, with the fast
+    path preloaded and without (MLX's per-thread compile caches are freed before the
+    interpreter finalises)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlx_steer import fastpath
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_CHILD)
+    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    envs = [base] * 2
+    fast = fastpath.preload_env(shim=True) if sys.platform.startswith("linux") else None
+    if fast:
+        envs.append({**base, **fast})
+    for env in envs:
+        p = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), "18"],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-1500:]}"
+        assert "ok 18" in p.stdout
