@@ -51,7 +51,9 @@ def seed(x) -> int | None:
 
 def text(x, what: str = "the prompt") -> str:
     """Non-empty text that can be encoded (no lone surrogates)."""
-    if not isinstance(x, str) or not x.strip():
+    if not isinstance(x, str):
+        raise InvalidArgumentError(f"{what} must be text, got {type(x).__name__}")
+    if not x.strip():
         raise EmptyPromptError(f"{what} is empty: type some text to continue")
     try:
         x.encode("utf-8")

@@ -197,7 +197,11 @@ def _wait_all(sessions: list[Session], timeout_s: float = 600) -> None:
     pending = [s for s in sessions if s.t0 is not None]
     while pending:
         if time.perf_counter() > deadline:
-            raise TimeoutError(f"sessions {[s.name for s in pending]} did not finish")
+            for s in pending:  # what the stuck pages show, for the report
+                s.page.screenshot(path=str(Path(tempfile.gettempdir()) /
+                                           f"mlx-steer-load-{s.name}.png"), full_page=True)
+            raise TimeoutError(f"sessions {[s.name for s in pending]} did not finish: "
+                               f"{[(s.name, _state(s.page), s.seen_running) for s in pending]}")
         pending = [s for s in pending if not s.poll()]
         time.sleep(0.1)
 
@@ -234,6 +238,8 @@ def run_load(url: str, lab, sessions: int = 4, seconds: float = 60.0) -> dict:
                 s.click()
             _wait_all(ss)
             rounds += 1
+            print(f"round {rounds}: " + ", ".join(f"{s.name} {s.latencies[-1]:.1f}s"
+                                                 for s in ss), file=sys.stderr, flush=True)
             if time.perf_counter() >= t_end:
                 break
         crosstalk = [(s.name, i, r) for s in ss for i, r in enumerate(s.results)
