@@ -11,9 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import generation
+from . import generation, threads, validate
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
-from . import threads, validate
 from .models import base
 from .steer import Steer, SteerLike, as_steers, check_steers
 
