@@ -1,6 +1,6 @@
 """Checks of plain arguments (numbers, seeds, text, token ids) that raise typed errors.
 
-One helper per kind of argument, so every entry point refuses the same inputs with
+One function per kind of argument, so every entry point refuses the same inputs with
 the same message. Strings, booleans and complex numbers are never taken for numbers.
 """
 
