@@ -17,7 +17,7 @@ import streamlit as st
 import mlx_steer
 from mlx_steer import lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import Library, validate_name
+from mlx_steer.library import Library, read_json, validate_name
 
 import state
 
@@ -300,13 +300,13 @@ def parse_upload(name: str, data: bytes) -> list[tuple[str, str]]:
         return item[0].strip(), item[1].strip()
 
     if low.endswith(".json"):
-        obj = json.loads(text)
+        obj = read_json(text, name)  # CorruptFileError (a ValueError) if nested too deep
         items = obj.get("pairs") if isinstance(obj, dict) else obj
         if not isinstance(items, list):
             raise ValueError("the JSON must be a list of pairs or an object with 'pairs'")
         return [norm(i) for i in items]
     if low.endswith(".jsonl"):
-        return [norm(json.loads(line)) for line in text.splitlines() if line.strip()]
+        return [norm(read_json(line, name)) for line in text.splitlines() if line.strip()]
     if low.endswith((".csv", ".tsv")):
         rows = [r for r in csv.reader(io.StringIO(text),
                                       delimiter="\t" if low.endswith(".tsv") else ",") if r]

@@ -82,8 +82,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+MAX_LIST = 1024  # more layers than any model has: a longer list is a typo
+
+
 def _int_list(text: str) -> list[int]:
-    """'4,8,12', '0-29:4' or 'all' (kept as None)."""
+    """'4,8,12', '0-29:4' or 'all' (kept as None). Sizes are checked before a range
+    is expanded, so a short argument cannot ask for unbounded work."""
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -93,12 +97,21 @@ def _int_list(text: str) -> list[int]:
             if "-" in part[1:]:
                 rng, _, step = part.partition(":")
                 a, b = rng.split("-", 1)
-                out += list(range(int(a), int(b) + 1, int(step or 1)))
+                r = range(int(a), int(b) + 1, int(step or 1))
+                if int(step or 1) < 1:
+                    raise argparse.ArgumentTypeError(f"a range step must be >= 1, got {part!r}")
+                n = (r.stop - r.start + r.step - 1) // r.step if r.stop > r.start else 0
+                if len(out) + n > MAX_LIST:  # counted, not expanded (len() overflows)
+                    raise argparse.ArgumentTypeError(
+                        f"{part!r} has {n} values; at most {MAX_LIST} are allowed")
+                out += list(r)
             else:
                 out.append(int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected integers like 4,8,12 or 0-28:4, got {text!r}") from None
+                f"expected integers like 4,8,12 or 0-28:4, got {text!r:.80}") from None
+        if len(out) > MAX_LIST:
+            raise argparse.ArgumentTypeError(f"more than {MAX_LIST} values in the list")
     if not out:
         raise argparse.ArgumentTypeError(f"no layers in {text!r}")
     return out
@@ -805,7 +818,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     text = raw.strip()
     items: list[Any]
     try:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise CorruptFileError(f"{p.name}: JSON nested too deeply") from None
         items = data.get("pairs") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise InvalidArgumentError(f"{p.name}: expected a list of pairs or {{\"pairs\": …}}")
@@ -813,6 +829,8 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         try:
             items = [json.loads(ln) for ln in lines]
+        except RecursionError:
+            raise CorruptFileError(f"{p.name}: JSON nested too deeply") from None
         except json.JSONDecodeError:
             items = []
             for n, ln in enumerate(lines, 1):
@@ -892,6 +910,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 
 
 def _concept_info(lab, name: str) -> dict:
+    from .errors import MlxSteerError
     from .library import BUILTINS, Library
 
     saved = name in lab.library
@@ -901,7 +920,10 @@ def _concept_info(lab, name: str) -> dict:
                             "category": None, "description": None, "extracted": saved}
     c = None
     if saved:
-        c = lab.library.load(name)
+        try:
+            c = lab.library.load(name)
+        except MlxSteerError as e:  # one unreadable concept: listed, marked, the rest shown
+            info.update(source="library (unreadable)", extracted=False, error=str(e))
     elif builtin:
         cache = Library(lab.fingerprint, lab.name, sub="builtin")
         if name in cache:
@@ -931,8 +953,9 @@ def cmd_concepts_list(args: argparse.Namespace) -> int:
                 ("layer", "layer"), ("strength", "strength")]
         rows = [dict(i, strength=i["strength"], layer=i["layer"] if i["extracted"] else None)
                 for i in infos]
+        bad = [f"{i['name']}: {i['error']}" for i in infos if i.get("error")]
         return (_table(rows, cols) + "\n\n(– : a built-in not yet extracted for this model; "
-                "it is extracted on first use)")
+                "it is extracted on first use)" + "".join(f"\nunreadable {b}" for b in bad))
 
     _emit(args, obj, text)
     return 0

@@ -158,6 +158,10 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
         raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
     if not pairs or any(not p.strip() or not n.strip() for p, n in pairs):
         raise InvalidArgumentError("give at least one pair of non-empty (positive, negative) texts")
+    if all(p == n for p, n in pairs):
+        raise InvalidArgumentError(
+            "every pair has the same positive and negative text: there is no contrast "
+            "to extract a direction from")
     if method == "pca" and len(pairs) < 2:
         raise InvalidArgumentError("the pca method needs at least 2 pairs")
     if method == "classic":
@@ -185,7 +189,7 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
                           "layer_scores": [round(float(s), 4) for s in scores]})
     if trained is not None:
         concept.extra["trained"] = trained
-    if calibrate:
+    if calibrate and not concept.extra.get("zero_vector"):
         concept.strength, kls = calibrate_strength(lab, concept, layer)
         concept.extra["kl_grid"] = dict(zip(map(str, ALPHA_GRID), map(float, kls)))
     return concept

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import threads
 from .models import base
 from .steer import Steer
 
@@ -46,6 +47,7 @@ def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
     """Text pieces of one request; steering rides on `caches`."""
     from mlx_lm.generate import stream_generate
 
+    threads.note_thread()  # a generator may be consumed on another thread than made it
     try:
         for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
                                  sampler=make_sampler(temperature, top_p, seed),

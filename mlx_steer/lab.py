@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import bake as baking
-from . import generation
+from . import generation, threads, validate
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
 from .steer import Steer, SteerLike, as_steers, check_steers, expand_steers
@@ -69,6 +69,12 @@ class Lab:
         return int(self.model.args.hidden_size)
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table: valid token ids are 0 … vocab_size-1."""
+        emb = self.model.model.embed_tokens
+        return int(getattr(emb, "num_embeddings", None) or emb.weight.shape[0])
+
+    @property
     def model_type(self) -> str:
         return str(getattr(self.model, "model_type", "") or
                    getattr(self.model.args, "model_type", "unknown"))
@@ -90,14 +96,20 @@ class Lab:
     # ---- tokens ----------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of `text`, through the chat template when `chat`."""
-        if not isinstance(text, str) or not text.strip():
-            raise EmptyPromptError("the prompt is empty: type some text to continue")
+        validate.text(text)
         if chat and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True)
         else:
             ids = self.tokenizer.encode(text)
         return list(ids)
+
+    def _tokens(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        """A prompt's token ids: text is encoded, ids are checked against the vocabulary
+        (an id outside it would read outside the embedding table)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt, chat)
+        return validate.token_ids(prompt, self.vocab_size)
 
     def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
                ) -> list[Steer]:
@@ -111,6 +123,7 @@ class Lab:
                 + f", more than this model's context of {self.context_length}; "
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+        threads.note_thread()  # this thread is about to run the model
         return expand_steers(steers, self.num_layers)
 
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
@@ -129,8 +142,10 @@ class Lab:
         is where "prompt" ends and "generated" begins for position rules, so a
         generated sequence can be replayed exactly.
         """
-        tokens = self.encode(text, chat) if isinstance(text, str) else list(text)
+        tokens = self._tokens(text, chat)
         steers = self._check(tokens, as_steers(steer))
+        if prompt_len is not None:
+            prompt_len = validate.integer(prompt_len, "prompt_len", 1, len(tokens))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
         caches = base.make_caches(self.model, plans, capture=True)
         logits = self.model(mx.array(tokens)[None], cache=caches)
@@ -155,6 +170,8 @@ class Lab:
 
         Returns one float32 (num_layers, T_i, D) array per text, padding removed.
         """
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise InvalidArgumentError("hidden_states_batch needs a non-empty list of texts")
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
@@ -178,7 +195,8 @@ class Lab:
                top_p: float = 1.0) -> Iterator[str]:
         """Yield the generated text piece by piece (mlx-lm's `stream_generate`)."""
         tokens = self.encode(prompt, chat)
-        _check_options(max_tokens, temperature, top_p)
+        max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
+        seed = validate.seed(seed)
         steers = self._check(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
@@ -214,12 +232,25 @@ class Lab:
         A prompt may also be a list of token ids (used as is); `seed` may be one
         seed per row.
         """
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+            raise InvalidArgumentError("requests must be a list of (prompt, steer) pairs")
         if not requests:
             return []
-        _check_options(max_tokens, temperature, top_p)
+        max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != len(requests):
+                raise InvalidArgumentError(
+                    f"{len(seed)} seeds for {len(requests)} requests: give one per row")
+            seed = [validate.seed(x) for x in seed]
+        else:
+            seed = validate.seed(seed)
         toks, rows = [], []
-        for prompt, steer in requests:
-            t = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        for req in requests:
+            if not isinstance(req, (tuple, list)) or len(req) != 2:
+                raise InvalidArgumentError(
+                    f"each request must be a (prompt, steer) pair, got {req!r:.60}")
+            prompt, steer = req
+            t = self._tokens(prompt, chat)
             s = self._check(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
@@ -269,7 +300,7 @@ class Lab:
         return self._cached_builtin(name) if name in self.builtins() else None
 
     def _cached_builtin(self, name: str) -> "Concept | None":
-        from .errors import CorruptFileError
+        from .errors import MlxSteerError
         from .library import Library, builtin_spec, spec_digest
 
         cache = Library(self.fingerprint, self.name, sub="builtin")
@@ -278,8 +309,8 @@ class Lab:
                 c = cache.load(name)
                 if c.extra.get("spec_digest") == spec_digest(builtin_spec(name)):
                     return c
-            except CorruptFileError:
-                pass  # recomputed by _builtin
+            except MlxSteerError:
+                pass  # unreadable, invalid or another model's: extracted again by _builtin
         return None
 
     def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
@@ -351,10 +382,13 @@ class Lab:
         self.library.delete(name)
 
 
-def _check_options(max_tokens: int, temperature: float, top_p: float) -> None:
-    if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise InvalidArgumentError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise InvalidArgumentError(f"temperature must be finite and >= 0, got {temperature}")
+def _check_options(max_tokens: int, temperature: float, top_p: float
+                   ) -> tuple[int, float, float]:
+    max_tokens = validate.integer(max_tokens, "max_tokens", 1)
+    temperature = validate.real(temperature, "temperature")
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0, got {temperature}")
+    top_p = validate.real(top_p, "top_p")
     if not (0 < top_p <= 1):
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    return max_tokens, temperature, top_p

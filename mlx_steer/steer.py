@@ -16,12 +16,12 @@ ablation the component along v̂ is zero" holds whatever else is added there.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence, Union
 
 import numpy as np
 
+from . import validate
 from .errors import (
     InvalidArgumentError,
     InvalidPositionsError,
@@ -41,8 +41,12 @@ NEVER = 2**30  # an absolute position no sequence reaches
 
 def _as_vector(vector) -> np.ndarray:
     try:
-        v = np.array(vector, dtype=np.float32, copy=True)
-    except (TypeError, ValueError) as e:
+        raw = np.asarray(vector)
+        if raw.dtype.kind not in "iuf":  # no text, bool, complex or objects
+            raise TypeError(f"its values are of type {raw.dtype}, not real numbers")
+        with np.errstate(over="ignore"):
+            v = np.array(raw, dtype=np.float32, copy=True)
+    except (TypeError, ValueError, OverflowError) as e:
         raise VectorShapeError(f"the steering vector is not numeric: {e}") from None
     if v.ndim == 2 and 1 in v.shape:
         v = v.reshape(-1)
@@ -105,20 +109,12 @@ class Steer:
         if self.mid and self.layer == EMBEDDING:
             raise InvalidArgumentError("mid=True needs a block, not the embedding output")
         object.__setattr__(self, "mid", bool(self.mid))
-        try:
-            s = float(self.strength)
-        except (TypeError, ValueError):
-            raise InvalidStrengthError(
-                f"strength must be a number, got {self.strength!r}"
-            ) from None
-        if not math.isfinite(s):
-            raise InvalidStrengthError(f"strength must be finite, got {s}")
-        object.__setattr__(self, "strength", s)
+        object.__setattr__(self, "strength",
+                           validate.real(self.strength, "strength", InvalidStrengthError))
         p = self.positions
         if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
-            if p < 0:
-                raise InvalidPositionsError(f"positions must be >= 0, got {p}")
-            object.__setattr__(self, "positions", int(p))
+            object.__setattr__(self, "positions",
+                               validate.integer(p, "positions", 0, NEVER, InvalidPositionsError))
         elif p not in POSITION_RULES:
             raise InvalidPositionsError(
                 f"positions must be one of {POSITION_RULES} or an int >= 0, got {p!r}"
@@ -218,10 +214,13 @@ def as_steers(steer: SteerLike) -> list[Steer]:
         return []
     if isinstance(steer, Steer):
         return [steer]
+    if isinstance(steer, (str, bytes)) or not isinstance(steer, Iterable):
+        raise InvalidArgumentError(
+            f"steer must be a Steer, a list of Steers or None, got {type(steer).__name__}")
     out = list(steer)
     for s in out:
         if not isinstance(s, Steer):
-            raise TypeError(f"expected Steer objects, got {type(s).__name__}")
+            raise InvalidArgumentError(f"expected Steer objects, got {type(s).__name__}")
     return out
 
 

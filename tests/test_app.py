@@ -36,7 +36,7 @@ def app_env():
     yield
     mp.undo()
     m = lab()
-    for name in ("test_glad", "test_mix", "test_exp_mix"):
+    for name in ("test_glad", "test_mix", "test_exp_mix", "test_broken"):
         if name in m.library:
             m.delete_concept(name)
 
@@ -335,6 +335,27 @@ def test_visualizer_heatmaps_same_tokens_after_injection(created):
 
 
 # ---- Library ---------------------------------------------------------------------------
+
+
+def test_library_page_marks_a_corrupt_concept_and_lists_the_rest(created):
+    m = lab()
+    broken = m.library.dir / "test_broken.json"
+    m.save_concept(mlx_steer_concept_copy(m, "test_broken"))
+    broken.write_text('{"vectors_file": ' * 3)
+    try:
+        at = open_page("library")
+        table = pd.DataFrame(at.session_state["library_table"]).set_index("name")
+        assert table.loc["test_broken", "status"].startswith("unreadable:")
+        assert table.loc["test_glad", "status"] == "ready"
+        assert {"happy", "sad"} <= set(table.index)
+    finally:
+        m.delete_concept("test_broken")
+
+
+def mlx_steer_concept_copy(m, name):
+    from dataclasses import replace
+
+    return replace(m.concept("test_glad"), name=name)
 
 
 def test_library_lists_inspects_mixes_exports_and_deletes(created):
