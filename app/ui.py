@@ -17,7 +17,7 @@ import streamlit as st
 import mlx_steer
 from mlx_steer import lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import Library, validate_name
+from mlx_steer.library import Library, read_json, validate_name
 
 import state
 
@@ -225,16 +225,35 @@ def chart(c: alt.TopLevelMixin, key: str | None = None, **kw):
     return st.altair_chart(c, width="stretch", key=key, **kw)
 
 
+OPS = {"add": "add the vector",
+       "ablate": "ablate its direction (remove the component)",
+       "cap": "cap the component along it at α"}
+
+
+def op_select(key: str) -> str:
+    """The operation on the residual stream: add (default), ablate or cap."""
+    return st.radio("Operation", list(OPS), key=key, format_func=OPS.get, horizontal=True,
+                    help="add: h + α·v. ablate: h − (h·v̂)v̂ (α ignored; at every block "
+                         "and the embedding output unless one block is chosen). cap: the "
+                         "component along v̂ is held at most at α × the median residual "
+                         "norm of the block.")
+
+
 def injection_summary(concept: mlx_steer.Concept, layer: int, strength: float,
-                      relative: bool, positions: str, num_layers: int) -> dict:
+                      relative: bool, positions: str, num_layers: int,
+                      op: str = "add") -> dict:
     """What was injected, in numbers (shown under the playground outputs)."""
+    if op == "ablate":
+        return {"concept": concept.name, "operation": "ablate", "layer": str(layer),
+                "direction from block": concept.layer, "positions": positions}
     raw = concept.relative_to_raw(layer, strength) if relative else strength
     alpha = concept.raw_to_relative(layer, raw)
     stage = lens.layer_stage(layer, num_layers)
     return {
-        "concept": concept.name, "layer": layer, "stage": stage["title"],
+        "concept": concept.name, "operation": op, "layer": layer, "stage": stage["title"],
         "alpha": round(alpha, 4), "raw strength": round(raw, 4),
-        "‖injected‖": round(abs(raw) * concept.vector_norm(layer), 2),
+        ("cap on h·v̂" if op == "cap" else "‖injected‖"):
+            round((raw if op == "cap" else abs(raw)) * concept.vector_norm(layer), 2),
         "median ‖h‖ at layer": round(float(concept.norms[layer]), 2),
         "positions": positions,
     }
@@ -281,13 +300,13 @@ def parse_upload(name: str, data: bytes) -> list[tuple[str, str]]:
         return item[0].strip(), item[1].strip()
 
     if low.endswith(".json"):
-        obj = json.loads(text)
+        obj = read_json(text, name)  # CorruptFileError (a ValueError) if nested too deep
         items = obj.get("pairs") if isinstance(obj, dict) else obj
         if not isinstance(items, list):
             raise ValueError("the JSON must be a list of pairs or an object with 'pairs'")
         return [norm(i) for i in items]
     if low.endswith(".jsonl"):
-        return [norm(json.loads(line)) for line in text.splitlines() if line.strip()]
+        return [norm(read_json(line, name)) for line in text.splitlines() if line.strip()]
     if low.endswith((".csv", ".tsv")):
         rows = [r for r in csv.reader(io.StringIO(text),
                                       delimiter="\t" if low.endswith(".tsv") else ",") if r]

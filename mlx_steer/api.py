@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import (EmptyPromptError, InvalidArgumentError, InvalidStrengthError,
                      LayerOutOfRangeError)
 from .library import BUILTINS, builtin_spec
-from .steer import Steer
+from .steer import OPS, Steer
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -141,8 +141,8 @@ def parse_steering(lab: "Lab", items: Any, allow_raw_vectors: bool = False) -> l
     Each item: `concept` (a name from /v1/concepts) or, only when the server
     allows raw vectors, `vector` (hidden_size floats, with `layer`);
     `strength` (relative to the residual norm, the library's default, unless
-    `"relative": false`; raw for vectors), `layer` (0-based), `op` ("add") and
-    `positions` ("all", "prompt", "generated" or an int k). Omitted layer and
+    `"relative": false`; raw for vectors), `layer` (0-based, [start, stop] or
+    "all"), `op` ("add", "ablate" or "cap", as `Concept.steer`) and `positions` ("all", "prompt", "generated" or an int k). Omitted layer and
     strength take the concept's recommended ones. A built-in concept not yet
     extracted for this model is extracted here (seconds).
     """
@@ -164,14 +164,16 @@ def parse_steering(lab: "Lab", items: Any, allow_raw_vectors: bool = False) -> l
                 f"{where}: unknown field(s) {', '.join(sorted(unknown))}; use "
                 f"{', '.join(sorted(STEERING_KEYS))}")
         op = item.get("op", "add")
-        extra = {}
-        if op != "add":
-            if "op" not in Steer.__dataclass_fields__:
-                raise InvalidArgumentError(f"{where}: op {op!r} is not supported; use 'add'")
-            extra["op"] = op
+        if op not in OPS:
+            raise InvalidArgumentError(f"{where}: op must be one of {', '.join(OPS)}, got {op!r}")
         layer = item.get("layer")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-            raise LayerOutOfRangeError(f"{where}: layer must be an integer, got {layer!r}")
+        if isinstance(layer, list) and len(layer) == 2:
+            layer = tuple(layer)  # a (start, stop) block range
+        if layer is not None and layer != "all" and not (
+                isinstance(layer, tuple) or (isinstance(layer, int)
+                                             and not isinstance(layer, bool))):
+            raise LayerOutOfRangeError(
+                f"{where}: layer must be an integer, [start, stop] or \"all\", got {layer!r}")
         strength = item.get("strength")
         if strength is not None and (isinstance(strength, bool)
                                      or not isinstance(strength, (int, float))):
@@ -194,13 +196,11 @@ def parse_steering(lab: "Lab", items: Any, allow_raw_vectors: bool = False) -> l
             if layer is None:
                 raise LayerOutOfRangeError(f"{where}: a raw vector needs a layer")
             steers.append(Steer(vec, layer, strength=1.0 if strength is None else strength,
-                                positions=positions, **extra))
+                                positions=positions, op=op))
             continue
         concept = lab.concept(item["concept"])
-        s = concept.steer(layer, strength, relative=relative, positions=positions)
-        if extra:
-            s = replace(s, **extra)
-        steers.append(s)
+        s = concept.steer(layer, strength, relative=relative, positions=positions, op=op)
+        steers.extend(s if isinstance(s, list) else [s])
     return steers
 
 

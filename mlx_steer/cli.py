@@ -20,6 +20,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from .steer import OPS
+
 PROG = "mlx-steer"
 REEXEC_GUARD = "MLX_STEER_REEXEC"  # set in the re-executed process: never loop
 NO_PRELOAD = "MLX_STEER_NO_PRELOAD"  # set to 1 to skip the OpenBLAS re-exec
@@ -47,7 +49,10 @@ examples:
   mlx-steer sweep --prompt "Describe a city." --concept pirate --strengths 0.1,0.2,0.4
   mlx-steer sweep --prompt "Describe a city." --concept pirate --layers 4,8,12,16,20
   mlx-steer mix --prompt "Tell me about trains." --concepts happy:0.7,excited:0.3 --save
+  mlx-steer generate --prompt "Write a birthday card." --concept happy --op ablate
   mlx-steer extract --name polite --pairs pairs.json
+  mlx-steer extract --name polite --pairs pairs.json --method trained
+  mlx-steer bake --out no-happy --ablate happy
   mlx-steer concepts list
   mlx-steer introspect --trials 20 --json
   mlx-steer eval --concept happy --concept pirate
@@ -58,6 +63,10 @@ LD_PRELOAD does not already name it, mlx-steer re-executes itself once with
 LD_PRELOAD set to it before loading a model (several times faster), with the
 sgemv shim of mlx_steer.fastpath when that builds. Set MLX_STEER_NO_PRELOAD=1
 (or MLX_STEER_NO_FASTPATH=1) to prevent that.
+
+several ranks (mlx.launch, see docs/SCALING.md): under `mlx.launch -n N ...`
+sweep, mix and eval split their rows across the ranks; with --shard every
+command runs the model sharded across them instead. Rank 0 alone prints.
 """
 
 
@@ -73,8 +82,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+MAX_LIST = 1024  # more layers than any model has: a longer list is a typo
+
+
 def _int_list(text: str) -> list[int]:
-    """'4,8,12', '0-29:4' or 'all' (kept as None)."""
+    """'4,8,12', '0-29:4' or 'all' (kept as None). Sizes are checked before a range
+    is expanded, so a short argument cannot ask for unbounded work."""
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -84,12 +97,21 @@ def _int_list(text: str) -> list[int]:
             if "-" in part[1:]:
                 rng, _, step = part.partition(":")
                 a, b = rng.split("-", 1)
-                out += list(range(int(a), int(b) + 1, int(step or 1)))
+                r = range(int(a), int(b) + 1, int(step or 1))
+                if int(step or 1) < 1:
+                    raise argparse.ArgumentTypeError(f"a range step must be >= 1, got {part!r}")
+                n = (r.stop - r.start + r.step - 1) // r.step if r.stop > r.start else 0
+                if len(out) + n > MAX_LIST:  # counted, not expanded (len() overflows)
+                    raise argparse.ArgumentTypeError(
+                        f"{part!r} has {n} values; at most {MAX_LIST} are allowed")
+                out += list(r)
             else:
                 out.append(int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected integers like 4,8,12 or 0-28:4, got {text!r}") from None
+                f"expected integers like 4,8,12 or 0-28:4, got {text!r:.80}") from None
+        if len(out) > MAX_LIST:
+            raise argparse.ArgumentTypeError(f"more than {MAX_LIST} values in the list")
     if not out:
         raise argparse.ArgumentTypeError(f"no layers in {text!r}")
     return out
@@ -183,6 +205,11 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--quiet", "-q", action="store_true",
                    default=False if top else argparse.SUPPRESS,
                    help="no progress bars on stderr")
+    p.add_argument("--shard", action="store_true",
+                   default=False if top else argparse.SUPPRESS,
+                   help="under mlx.launch: shard the model across the ranks (mlx-lm's "
+                        "tensor parallelism, else its pipeline stages) instead of "
+                        "splitting the rows of an experiment")
 
 
 def _steering(p: argparse.ArgumentParser, concept_required: bool = True,
@@ -236,6 +263,10 @@ def build_parser() -> Parser:
                 "steered, printed side by side with their metrics.")
     p.add_argument("--prompt", required=True, help="the user message (chat template applied)")
     _steering(p)
+    p.add_argument("--op", choices=OPS, default="add",
+                   help="add the vector (default); ablate its direction (strength ignored; "
+                        "default layer: every block and the embedding output); or cap the "
+                        "component along it at --strength")
     _sampling(p)
     p.add_argument("--no-metrics", action="store_true",
                    help="skip the model-based metrics (perplexity, projection)")
@@ -290,9 +321,15 @@ def build_parser() -> Parser:
                 "lines, or tab-separated lines 'positive<TAB>negative'.")
     p.add_argument("--name", required=True, help="concept name (letters, digits, _ or -)")
     p.add_argument("--pairs", required=True, metavar="FILE", help="the pairs file")
-    p.add_argument("--method", choices=("mean", "pca", "classic"), default="mean",
-                   help="mean of differences (default), first principal component, or the "
-                        "first pair only")
+    p.add_argument("--method", choices=("mean", "pca", "classic", "trained"), default="mean",
+                   help="mean of differences (default), first principal component, the "
+                        "first pair only, or a vector trained at one layer with a "
+                        "bi-directional preference objective (slower; see --layer, --seed)")
+    p.add_argument("--layer", type=int, metavar="L",
+                   help="the block to recommend (and, with --method trained, to train at); "
+                        "default: the block where the pairs separate best")
+    p.add_argument("--seed", type=int, default=0, metavar="K",
+                   help="seed of the trained method's minibatches (default 0)")
     p.add_argument("--read", choices=("last", "mean"), default="last",
                    help="read the last token (default) or the mean over tokens")
     p.add_argument("--chat", action="store_true",
@@ -301,6 +338,23 @@ def build_parser() -> Parser:
     p.add_argument("--no-save", action="store_true", help="don't save it")
     p.add_argument("--force", action="store_true", help="replace a saved concept of that name")
     p.set_defaults(func=cmd_extract)
+
+    p = command("bake", "write an MLX model folder with steering folded into the weights",
+                "Fold steering into the weights and write an MLX model folder that plain "
+                "`mlx_lm.load(folder)` opens without mlx-steer: --ablate removes a concept's "
+                "direction at every block (the weights writing into the residual stream are "
+                "orthogonalised), --add adds a concept at one block (a bias on that block's "
+                "MLP down projection; llama-family models only). Weights act on every "
+                "token, position 0 included. The folder carries mlx_steer_bake.json and a "
+                "README saying what was baked.")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--ablate", action="append", default=[], metavar="NAME",
+                   help="a concept whose direction to ablate everywhere (repeatable)")
+    p.add_argument("--add", action="append", default=[], metavar="NAME[:S][@L]",
+                   help="a concept to add at block L (default: recommended) with relative "
+                        "strength S (default: recommended), e.g. happy:0.3@12 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_bake)
 
     p = command("concepts", "list, show, export, import or delete concepts",
                 "Manage concepts: the 17 built-ins and the concepts saved for the model.")
@@ -453,7 +507,7 @@ def _lab(args: argparse.Namespace):
     if name not in _LABS:
         if not getattr(args, "quiet", False) and sys.stderr.isatty():
             _say(f"loading {name or 'the embedded model'} …")
-        _LABS[name] = mlx_steer.load(name)
+        _LABS[name] = mlx_steer.load(name, group=args.group if args.shard else None)
     return _LABS[name]
 
 
@@ -623,7 +677,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 def _run_kw(args: argparse.Namespace, bar: Bar) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                progress=bar, score=not getattr(args, "no_metrics", False))
+                progress=bar, score=not getattr(args, "no_metrics", False),
+                group=None if args.shard else args.group)
 
 
 def _steer_header(r: dict) -> str:
@@ -641,11 +696,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     concept = _source(lab, args)
     with Bar(args, "generating", "token") as bar:
         rows = X.compare(lab, args.prompt, concept, args.layer, args.strength,
-                         relative=not args.raw, positions=args.positions,
+                         relative=not args.raw, positions=args.positions, op=args.op,
                          **_run_kw(args, bar))
     base, steered = rows[0], rows[1]
     obj = {"model": lab.name, "prompt": args.prompt, "concept": steered["concept"],
-           "layer": steered["layer"], "strength": steered["strength"],
+           "op": args.op, "layer": ("all" if args.op == "ablate" and args.layer is None
+                                    else steered["layer"]),
+           "strength": steered["strength"],
            "raw_strength": steered["raw_strength"], "positions": args.positions,
            "baseline": base["text"], "steered": steered["text"], "rows": rows}
 
@@ -761,7 +818,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     text = raw.strip()
     items: list[Any]
     try:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise CorruptFileError(f"{p.name}: JSON nested too deeply") from None
         items = data.get("pairs") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise InvalidArgumentError(f"{p.name}: expected a list of pairs or {{\"pairs\": …}}")
@@ -769,6 +829,8 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         try:
             items = [json.loads(ln) for ln in lines]
+        except RecursionError:
+            raise CorruptFileError(f"{p.name}: JSON nested too deeply") from None
         except json.JSONDecodeError:
             items = []
             for n, ln in enumerate(lines, 1):
@@ -795,13 +857,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"a concept {name!r} is already saved for this model; give --force to replace it")
     with Bar(args, f"extracting {name}", "text") as bar:
+        if args.layer is not None:
+            lab_layer(lab, args.layer)
         c = lab.extract(name, pairs, method=args.method, read=args.read, chat=args.chat,
-                        progress=bar, description=args.description)
+                        progress=bar, description=args.description, layer=args.layer,
+                        seed=args.seed)
     path = None if args.no_save else lab.save_concept(c)
     obj = {"model": lab.name, "name": c.name, "layer": c.layer, "strength": c.strength,
            "raw_strength": c.relative_to_raw(c.layer, c.strength), "method": c.method,
            "read": c.read, "pairs": len(c.pairs), "saved": path,
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid")}
+           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid"),
+           "trained": c.extra.get("trained")}
     _emit(args, obj, lambda: (
         f"{c.name}: {len(c.pairs)} pairs, method {c.method}; recommended layer {c.layer}, "
         f"strength {_fmt(c.strength)} (relative)" + (f"\nsaved to {path}" if path else
@@ -809,7 +875,42 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_spec(text: str) -> tuple[str, float | None, int | None]:
+    """NAME[:STRENGTH][@LAYER] of `bake --add`."""
+    rest, _, layer = text.partition("@")
+    name, _, strength = rest.partition(":")
+    try:
+        return (name.strip(), float(strength) if strength.strip() else None,
+                int(layer) if layer.strip() else None)
+    except ValueError:
+        raise UsageError(f"--add expects NAME[:STRENGTH][@LAYER], got {text!r}") from None
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import NOTE
+
+    if not args.ablate and not args.add:
+        raise UsageError("give at least one --ablate or --add concept")
+    specs = [_add_spec(t) for t in args.add]
+    lab = _lab(args)
+    steers = [_concept(lab, name, args).ablate(positions=0) for name in args.ablate]
+    for name, strength, layer in specs:
+        if layer is not None:
+            lab_layer(lab, layer)
+        steers.append(_concept(lab, name, args).steer(layer, strength, positions=0))
+    path = lab.bake(steers, args.out, overwrite=args.overwrite)
+    note = json.loads((path / NOTE).read_text())
+    obj = {"model": lab.name, "path": str(path), "ablate": args.ablate,
+           "add": [{"concept": n, "strength": s, "layer": la} for n, s, la in specs],
+           "note": note}
+    _emit(args, obj, lambda: (
+        f"wrote {path} ({len(note['operations'])} operation(s) baked); open it with "
+        f"mlx_lm.load({str(path)!r})"))
+    return 0
+
+
 def _concept_info(lab, name: str) -> dict:
+    from .errors import MlxSteerError
     from .library import BUILTINS, Library
 
     saved = name in lab.library
@@ -819,7 +920,10 @@ def _concept_info(lab, name: str) -> dict:
                             "category": None, "description": None, "extracted": saved}
     c = None
     if saved:
-        c = lab.library.load(name)
+        try:
+            c = lab.library.load(name)
+        except MlxSteerError as e:  # one unreadable concept: listed, marked, the rest shown
+            info.update(source="library (unreadable)", extracted=False, error=str(e))
     elif builtin:
         cache = Library(lab.fingerprint, lab.name, sub="builtin")
         if name in cache:
@@ -849,8 +953,9 @@ def cmd_concepts_list(args: argparse.Namespace) -> int:
                 ("layer", "layer"), ("strength", "strength")]
         rows = [dict(i, strength=i["strength"], layer=i["layer"] if i["extracted"] else None)
                 for i in infos]
+        bad = [f"{i['name']}: {i['error']}" for i in infos if i.get("error")]
         return (_table(rows, cols) + "\n\n(– : a built-in not yet extracted for this model; "
-                "it is extracted on first use)")
+                "it is extracted on first use)" + "".join(f"\nunreadable {b}" for b in bad))
 
     _emit(args, obj, text)
     return 0
@@ -1131,6 +1236,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         maybe_reexec(args_list)
     try:
+        from . import distributed
+
+        args.group = distributed.world()  # several ranks when started by mlx.launch
+        if not distributed.is_lead(args.group):
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+            args.quiet = True
         return int(args.func(args) or 0)
     except UsageError as e:
         _say(f"{PROG}: error: {e}")

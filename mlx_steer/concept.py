@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,14 +9,27 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from . import validate
 from .errors import (InvalidArgumentError, InvalidStrengthError, LayerOutOfRangeError,
                      ModelMismatchError)
-from .steer import Positions, Steer
+from .steer import Layer, Positions, Steer
 
 if TYPE_CHECKING:
     from .lab import Lab
 
 SCHEMA_VERSION = 1
+
+
+def _real_array(x, what: str) -> np.ndarray:
+    """A float32 copy of real numbers (text, bool, complex and objects refused)."""
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"{what} are not an array of numbers: {e}") from None
+    if a.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"{what} must be real numbers, got {a.dtype}")
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(a, dtype=np.float32)
 
 
 @dataclass(eq=False)
@@ -47,14 +59,42 @@ class Concept:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
-        self.norms = np.ascontiguousarray(self.norms, dtype=np.float32)
-        if self.vectors.ndim != 2 or self.norms.shape != (self.vectors.shape[0],):
+        self.vectors = _real_array(self.vectors, "vectors")
+        self.norms = _real_array(self.norms, "norms")
+        self.validate()
+
+    def validate(self) -> "Concept":
+        """Check shapes, finiteness, the layer and the strength (run at construction, save
+        and load). A concept whose vector at its layer is all zeros gets strength 0 and
+        `extra["zero_vector"] = True`: it has no direction to push along."""
+        v, n = self.vectors, self.norms
+        if v.ndim != 2 or 0 in v.shape or n.shape != (v.shape[0],):
             raise InvalidArgumentError(
                 f"vectors must be (num_layers, hidden) and norms (num_layers,), got "
-                f"{self.vectors.shape} and {self.norms.shape}")
-        self.layer = int(self.layer)
-        self.strength = float(self.strength)
+                f"{v.shape} and {n.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            row_norms = np.linalg.norm(v, axis=1)
+        if not (np.all(np.isfinite(v)) and np.all(np.isfinite(row_norms))):
+            raise InvalidArgumentError(
+                f"concept {self.name!r}: its vectors contain NaN, infinite or too large "
+                "values (a vector's norm must fit in float32)")
+        if not np.all(np.isfinite(n)) or np.any(n < 0):
+            raise InvalidArgumentError(
+                f"concept {self.name!r}: residual norms must be finite and >= 0")
+        self.layer = validate.integer(self.layer, "layer", 0, v.shape[0] - 1,
+                                      LayerOutOfRangeError)
+        self.strength = validate.real(self.strength, "strength", InvalidStrengthError)
+        if not isinstance(self.extra, dict):
+            raise InvalidArgumentError(f"concept {self.name!r}: extra must be a dict")
+        if row_norms[self.layer] == 0:
+            self.strength = 0.0
+            self.extra["zero_vector"] = True
+        raw = self.relative_to_raw(self.layer, self.strength)
+        if not abs(raw) * float(row_norms[self.layer]) < float(np.finfo(np.float32).max):
+            raise InvalidStrengthError(
+                f"concept {self.name!r}: strength {self.strength:g} at layer {self.layer} "
+                "overflows float32")
+        return self
 
     @property
     def num_layers(self) -> int:
@@ -85,25 +125,58 @@ class Concept:
         norm = float(self.norms[self._layer(layer)])
         return 0.0 if norm == 0 else float(raw) * self.vector_norm(layer) / norm
 
-    def steer(self, layer: int | None = None, strength: float | None = None,
-              relative: bool = True, positions: Positions = "all") -> Steer:
+    def steer(self, layer: Layer | None = None, strength: float | None = None,
+              relative: bool = True, positions: Positions = "all",
+              op: str = "add") -> Steer | list[Steer]:
         """A `Steer` at `layer` (default: recommended) and `strength`.
 
         With `relative` (default) the strength is a fraction of the residual
         norm at that layer (0.25 = a quarter of a typical token's norm); else
-        it multiplies the raw vector.
+        it multiplies the raw vector. `op` is "add", "ablate" (strength ignored)
+        or "cap" (the component along the direction is held at most at
+        strength × the median residual norm of that block).
+
+        `layer` may also be a `(start, stop)` range or "all": then one direction,
+        the recommended layer's vector, is used at every block (as weight
+        orthogonalisation does), and for "add"/"cap" a list of one `Steer` per
+        block is returned, each relative strength converted with that block's norm.
         """
+        if isinstance(layer, (tuple, list, str)):
+            return self._steer_range(layer, strength, relative, positions, op)
         layer = self.layer if layer is None else self._layer(layer)
+        if op == "ablate":
+            return Steer(self.vectors[layer], layer, 1.0, positions, self.model_fingerprint,
+                         op=op)
         if strength is None:
             strength, relative = self.strength, True
-        try:
-            s = float(strength)
-        except (TypeError, ValueError):
-            raise InvalidStrengthError(f"strength must be a number, got {strength!r}") from None
-        if not math.isfinite(s):
-            raise InvalidStrengthError(f"strength must be finite, got {s}")
+        s = validate.real(strength, "strength", InvalidStrengthError)
         raw = self.relative_to_raw(layer, s) if relative else s
-        return Steer(self.vectors[layer], layer, raw, positions, self.model_fingerprint)
+        return Steer(self.vectors[layer], layer, raw, positions, self.model_fingerprint, op=op)
+
+    def _steer_range(self, layer, strength, relative, positions, op) -> Steer | list[Steer]:
+        v = self.vectors[self.layer]
+        span = Steer(v, layer, 1.0, positions, self.model_fingerprint, op=op)
+        for i in span.layers(self.num_layers):
+            if i >= 0:
+                self._layer(i)
+        if op == "ablate":
+            return span
+        if strength is None:
+            strength, relative = self.strength, True
+        s = validate.real(strength, "strength", InvalidStrengthError)
+        n = float(np.linalg.norm(v))
+        return [Steer(v, i, (s * float(self.norms[i]) / n if n else 0.0) if relative else s,
+                      positions, self.model_fingerprint, op=op)
+                for i in span.layers(self.num_layers)]
+
+    def ablate(self, layer: Layer = "all", positions: Positions = "all") -> Steer:
+        """Remove the concept's direction (the recommended layer's vector) from the
+        residual stream at `layer`: every block and the embedding output by default."""
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            self._layer(layer)
+            return Steer(self.vectors[self.layer], int(layer), 1.0, positions,
+                         self.model_fingerprint, op="ablate")
+        return self._steer_range(layer, None, True, positions, "ablate")
 
     def steers(self, layers: Iterable[int], strength: float | None = None,
                relative: bool = True, positions: Positions = "all") -> list[Steer]:
@@ -129,9 +202,7 @@ class Concept:
         return self._derived(self.vectors - other.vectors, f"{self.name}-{other.name}", "sum")
 
     def __mul__(self, k: float) -> "Concept":
-        k = float(k)
-        if not math.isfinite(k):
-            raise InvalidStrengthError(f"cannot scale a concept by {k}")
+        k = validate.real(k, "a concept's scale factor", InvalidStrengthError)
         return self._derived(self.vectors * np.float32(k), f"{k:g}*{self.name}", "scaled")
 
     __rmul__ = __mul__
@@ -153,9 +224,7 @@ class Concept:
         wsum = 0.0
         for c, w in parts:
             first._check_same_model(c)
-            w = float(w)
-            if not math.isfinite(w):
-                raise InvalidStrengthError(f"mix weight for {c.name!r} is {w}")
+            w = validate.real(w, f"the mix weight of {c.name!r}", InvalidStrengthError)
             if normalize:
                 n = np.linalg.norm(c.vectors, axis=1, keepdims=True)
                 total += np.float32(w) * np.divide(c.vectors, n, out=np.zeros_like(c.vectors),
@@ -211,3 +280,4 @@ class Concept:
                    strength=float(rel[layer]), model_fingerprint=lab.fingerprint,
                    model_name=lab.name, method="gguf", category="imported",
                    description=f"imported from {Path(path).name}")
+

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptFileError, VectorShapeError
+from .errors import CorruptFileError, InvalidArgumentError, StorageError, VectorShapeError
 
 
 def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
@@ -22,14 +22,19 @@ def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
     import gguf
 
     path = Path(path)
+    if not path.parent.is_dir():
+        raise InvalidArgumentError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise InvalidArgumentError(f"cannot write {path}: it is a folder")
     kept = {i: np.ascontiguousarray(v, dtype=np.float32) for i, v in sorted(directions.items())
             if i >= 1}
     if not kept:
         raise VectorShapeError("nothing to export: llama.cpp cannot steer block 0")
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".", suffix=".gguf.tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".", suffix=".gguf.tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         w = gguf.GGUFWriter(tmp, "controlvector")
         w.add_string("controlvector.model_hint", model_hint or "llama")
         w.add_uint32("controlvector.layer_count", int(layer_count))
@@ -40,8 +45,10 @@ def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -51,6 +58,8 @@ def read_control_vector(path: str | Path, hidden_size: int) -> dict[int, np.ndar
     import gguf
 
     path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"no such file: {path}")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -70,8 +79,11 @@ def read_control_vector(path: str | Path, hidden_size: int) -> dict[int, np.ndar
             raise VectorShapeError(
                 f"{path.name} has {v.size}-dimensional vectors but this model's hidden size "
                 f"is {hidden_size}: it was made for another model")
-        if not np.all(np.isfinite(v)):
-            raise CorruptFileError(f"{path.name}: {t.name} contains NaN or infinite values")
+        with np.errstate(over="ignore"):
+            norm = np.linalg.norm(v)  # float32, as it will be used
+        if not np.all(np.isfinite(v)) or not np.isfinite(norm):
+            raise CorruptFileError(
+                f"{path.name}: {t.name} contains NaN, infinite or too large values")
         out[int(idx)] = v.copy()
     if not out:
         raise CorruptFileError(f"{path.name} holds no direction tensors")

@@ -63,3 +63,16 @@ class InvalidArgumentError(MlxSteerError, ValueError):
 
 class ServerBusyError(MlxSteerError, RuntimeError):
     """The server's request queue is full: try again later."""
+
+
+class DistributedError(MlxSteerError, RuntimeError):
+    """A rank of a distributed run failed or did not answer in time; no partial results."""
+
+
+class InvalidTokenError(InvalidArgumentError):
+    """A token id that is not an integer in 0 … vocab_size-1."""
+
+
+class StorageError(MlxSteerError, OSError):
+    """A file could not be written (disk full, no permission, missing folder); nothing
+    already saved was changed."""

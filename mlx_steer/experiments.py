@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING, Any, Union
 import mlx.core as mx
 import numpy as np
 
+from . import distributed
 from . import metrics as M
 from .concept import Concept
 from .errors import InvalidArgumentError
-from .steer import Positions, Steer
+from .steer import Positions, Steer, as_steers
 
 if TYPE_CHECKING:
     from .lab import Lab
@@ -84,7 +85,7 @@ class Variant:
 
     @property
     def is_baseline(self) -> bool:
-        return not any(s.strength != 0.0 for s in self.steers)
+        return all(s.is_noop for s in self.steers)
 
 
 # ---- concept helpers ------------------------------------------------------------
@@ -164,11 +165,20 @@ def concept_score(rule: dict | None, m: Mapping[str, Any]) -> float | None:
 def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
                     strength: float | None = None, relative: bool = True,
                     positions: Positions = "all", kind: str = "steered",
-                    label: str = "") -> Variant:
+                    label: str = "", op: str = "add") -> Variant:
     """A row steering `concept` at `layer` (default: its recommended layer) with that
-    layer's own vector; `strength` relative unless `relative=False` (then raw)."""
+    layer's own vector; `strength` relative unless `relative=False` (then raw).
+
+    `op` is "add", "cap" or "ablate" (default layer for "ablate": "all", every write
+    into the residual stream, with the recommended layer's direction)."""
+    if op == "ablate":
+        layer = "all" if layer is None else layer
+        steers = as_steers(concept.steer(layer, positions=positions, op=op))
+        at = concept.layer if not isinstance(layer, int) else layer
+        return Variant(prompt, steers, kind, concept, at, 0.0, 0.0, positions,
+                       label or f"{concept.name} ablate L{layer}", extra={"op": op})
     layer = concept.layer if layer is None else layer
-    steer = concept.steer(layer, strength, relative, positions)
+    steer = concept.steer(layer, strength, relative, positions, op=op)
     raw = steer.strength
     if strength is None:
         rel = concept.strength
@@ -176,8 +186,9 @@ def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
         rel = float(strength)
     else:
         rel = concept.raw_to_relative(steer.layer, raw)
+    name = concept.name if op == "add" else f"{concept.name} {op}"
     return Variant(prompt, [steer], kind, concept, steer.layer, rel, raw, positions,
-                   label or f"{concept.name} L{steer.layer} α{rel:.3g}")
+                   label or f"{name} L{steer.layer} α{rel:.3g}", extra={"op": op})
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
@@ -251,12 +262,12 @@ def score_passes(lab: "Lab", entries: Sequence[_Entry], batch: int = METRIC_BATC
         plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
         caches = base.make_caches(lab.model, plans, left_padding=pads)
         layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        for layer in layers:
-            caches[layer].capture = []
-        logits = lab.model(x, cache=caches)[:, :-1]
+        base.watch(lab.model, caches, layers)
+        out = lab.model(x, cache=caches)
+        logits = out[:, :-1]
         picked = mx.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
         tgt = picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
-        hidden = {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+        hidden = base.captured(lab.model, caches, layers, out, lab.group)
         mx.eval(tgt, *hidden.values())
         tgt_np = np.array(tgt)
         hid_np = {layer: np.array(h) for layer, h in hidden.items()}
@@ -280,11 +291,35 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def with_baselines(variants: Sequence[Variant]) -> list[Variant]:
+    """`variants` preceded by an unsteered row for each prompt that has no baseline row."""
+    variants = list(variants)
+    have = {v.prompt for v in variants if v.is_baseline}
+    extra: dict[str, Variant] = {}
+    for v in variants:
+        if v.prompt not in have:
+            b = extra.setdefault(v.prompt, Variant(v.prompt, kind="baseline",
+                                                   label="baseline", markers=[]))
+            b.extra.setdefault("_who", set()).add((id(v.concept), v.layer))
+            b.extra.setdefault("_concepts", []).append(v.concept)
+            for m in concept_markers(v.concept):
+                if m not in b.markers:
+                    b.markers.append(m)
+    for b in extra.values():
+        # One concept at one layer for this prompt: the baseline is that concept at
+        # strength 0 (so it has a projection and the concept's evaluation too).
+        who, cs = b.extra.pop("_who"), b.extra.pop("_concepts")
+        if len(who) == 1 and cs[0] is not None:
+            b.concept, b.layer = cs[0], next(iter(who))[1]
+    return list(extra.values()) + variants
+
+
 def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
         temperature: float = 0.0, seed: int | None = 0, top_p: float = 1.0,
         chat: bool = True, baselines: bool = True, score: bool = True,
         markers: Sequence[str] | None = None, progress: Progress | None = None,
-        metric_batch: int = METRIC_BATCH) -> list[Record]:
+        metric_batch: int = METRIC_BATCH, group=None,
+        timeout: float | None = None) -> list[Record]:
     """Generate every variant as a row of one batched decode and score each row.
 
     Args:
@@ -294,6 +329,12 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
             text metrics and the first-token KL cost nothing and are always there.
         markers: marker words to count (default: each row's concept's markers).
         progress: called as progress(done, total): decode steps, then scoring passes.
+        group: an `mx.distributed` group of several ranks (`distributed.world()`
+            under `mlx.launch`), each with the whole model: each rank runs a
+            contiguous share of the rows (with the baseline rows its share refers
+            to) as one batch, and every rank returns all the records, equal to a
+            single-process run. A failing rank makes every rank raise.
+        timeout: seconds a rank waits for the others (see `distributed.timeout_s`).
 
     Scoring: every row's prompt + generated tokens go through the unsteered
     model once (perplexity, text_projection), in left-padded batches of
@@ -307,29 +348,71 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
     if not variants:
         raise InvalidArgumentError("an experiment needs at least one row")
     if baselines:
-        have = {v.prompt for v in variants if v.is_baseline}
-        extra: dict[str, Variant] = {}
-        for v in variants:
-            if v.prompt not in have:
-                b = extra.setdefault(v.prompt, Variant(v.prompt, kind="baseline",
-                                                       label="baseline", markers=[]))
-                b.extra.setdefault("_who", set()).add((id(v.concept), v.layer))
-                b.extra.setdefault("_concepts", []).append(v.concept)
-                for m in concept_markers(v.concept):
-                    if m not in b.markers:
-                        b.markers.append(m)
-        for b in extra.values():
-            # One concept at one layer for this prompt: the baseline is that concept at
-            # strength 0 (so it has a projection and the concept's evaluation too).
-            who, cs = b.extra.pop("_who"), b.extra.pop("_concepts")
-            if len(who) == 1 and cs[0] is not None:
-                b.concept, b.layer = cs[0], next(iter(who))[1]
-        variants = list(extra.values()) + variants
+        variants = with_baselines(variants)
+    kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, top_p=top_p,
+              chat=chat, score=score, markers=markers, progress=progress,
+              metric_batch=metric_batch)
+    if distributed.size(group) > 1:
+        if lab.group is not None:
+            raise InvalidArgumentError(
+                "this model is sharded across the ranks, so every rank runs every row: "
+                "give the group to load() or to the experiment, not to both")
+        return _run_shared(lab, variants, group, timeout, **kw)
+    return tidy(_records(lab, variants, **kw))
+
+
+def tidy(records: Sequence[Record]) -> list[Record]:
+    """Uniform columns (first-appearance order; None where a row lacks one), plain values."""
+    keys = list(dict.fromkeys(k for rec in records for k in rec))
+    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+
+
+def rank_rows(variants: Sequence[Variant], rank: int, size: int) -> tuple[range, list[int]]:
+    """The rows (indices into `variants`, baselines included) that `rank` of `size`
+    reports, and the rows it decodes: those plus the first baseline row of each of
+    their prompts, which KL and the baseline columns compare with."""
+    own = distributed.share(len(variants), rank, size)
+    first_base: dict[str, int] = {}
+    for i, v in enumerate(variants):
+        if v.is_baseline:
+            first_base.setdefault(v.prompt, i)
+    need = sorted(set(own) | {first_base[variants[i].prompt] for i in own
+                              if variants[i].prompt in first_base})
+    return own, need
+
+
+def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | None,
+                **kw) -> list[Record]:
+    """This rank's share of the rows, gathered with every other rank's (see `run`)."""
+    for v in variants:  # a bad row raises its typed error on every rank, before any work
+        lab._check(lab.encode(v.prompt, kw["chat"]), v.steers, kw["max_tokens"])
+    own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
+
+    def mine() -> list[Record]:
+        if not need:
+            return []
+        recs = _records(lab, [variants[i] for i in need], **kw)
+        out = []
+        for i, rec in zip(need, recs):
+            if i in own:
+                rec["row"] = i
+                out.append({k: _clean(x) for k, x in rec.items()})
+        return out
+
+    parts = distributed.gather_results(mine, group, what="experiment grid", timeout=timeout)
+    return tidy([rec for part in parts for rec in part])
+
+
+def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperature: float,
+             seed: int | None, top_p: float, chat: bool, score: bool,
+             markers: Sequence[str] | None, progress: Progress | None,
+             metric_batch: int) -> list[Record]:
+    """One record per variant (in order; baselines already added), before `tidy`."""
     n_scores = 0
     if score:
         n_rows = len(variants) + sum(
-            not v.is_baseline and v.layer is not None
-            and any(s.layer < v.layer for s in v.steers) for v in variants)
+            not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
+            for v in variants)
         n_scores = math.ceil(n_rows / metric_batch)
     total = max_tokens + n_scores
     done = [0]
@@ -387,14 +470,21 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
                (lambda: _tick(done, total, progress)))
         if progress:
             progress(total, total)
-    keys = list(dict.fromkeys(k for rec in records for k in rec))  # uniform columns
-    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+    return records
 
 
 def _tick(done: list[int], total: int, progress: Progress | None) -> None:
     done[0] += 1
     if progress:
         progress(min(done[0], total), total)
+
+
+def _needs_steered_pass(v: Variant) -> bool:
+    """False when nothing upstream of the probed block is steered and only additions are:
+    the steered output there is exactly the unsteered one plus the steers added, so the
+    projection needs no extra pass."""
+    return not all(s.op == "add" and isinstance(s.layer, int) and s.layer >= v.layer
+                   for s in v.steers)
 
 
 def _added_projection(steers: Sequence[Steer], layer: int, unit: np.ndarray, prompt_len: int,
@@ -435,9 +525,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             ue.probes.append((v.layer, unit, "text_" + key))
             if v.is_baseline:
                 ue.probes.append((v.layer, unit, key))
-            elif all(s.layer >= v.layer for s in v.steers):
-                # Nothing upstream of the probed block is steered, so its steered output
-                # is exactly the unsteered one plus the steers added there: no extra pass.
+            elif not _needs_steered_pass(v):
                 added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
             else:
                 se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
@@ -448,7 +536,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             if b is not None and b in unsteered and b != i:
                 unsteered[b].probes.append((v.layer, unit, "base_" + key))
     for e in entries:
-        lab._check(e.tokens, e.steers)
+        e.steers = lab._check(e.tokens, e.steers)
     # Group similar lengths together: less padding per pass.
     order = sorted(entries, key=lambda e: len(e.tokens))
     score_passes(lab, order, metric_batch, tick)
@@ -471,10 +559,12 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
 
 def compare(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
             layer: int | None = None, strength: float | None = None, *,
-            relative: bool = True, positions: Positions = "all", **run_kw) -> list[Record]:
+            relative: bool = True, positions: Positions = "all", op: str = "add",
+            **run_kw) -> list[Record]:
     """Baseline and steered rows for each prompt, one batch (2 rows per prompt)."""
     c = resolve(lab, concept)
-    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare")
+    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare",
+                            op=op)
             for p in _prompts(prompt)]
     return run(lab, rows, **run_kw)
 
@@ -543,6 +633,43 @@ def strength_explorer(lab: "Lab", prompt: str | Sequence[str], concept: ConceptL
                **run_kw)
 
 
+def method_comparison(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
+                      methods: Sequence[str] = ("mean", "pca", "trained"),
+                      strength: float | None = None, *, op: str = "add",
+                      positions: Positions = "all", seed: int = 0,
+                      extract_progress: Progress | None = None,
+                      **run_kw) -> list[Record]:
+    """The concept's pairs extracted with each method at the concept's block, each
+    vector steering (`op`) at the same relative strength (default: the concept's),
+    as rows of one batched decode next to the baseline. Rows are labelled by method."""
+    c = resolve(lab, concept)
+    if not c.pairs:
+        raise InvalidArgumentError(f"{c.name!r} has no stored pairs to extract again")
+    if not methods:
+        raise InvalidArgumentError("give at least one method")
+    rule, markers = concept_eval(c), concept_markers(c)
+    alpha = c.strength if strength is None else float(strength)
+    variants = []
+    for i, m in enumerate(methods):
+        if m == c.method:
+            v = c
+        else:
+            step = (None if extract_progress is None else
+                    (lambda d, t, i=i: extract_progress(i * t + d, len(methods) * t)))
+            v = lab.extract(f"{c.name[:48]}-{m}", c.pairs, method=m, read=c.read,
+                            chat=c.template == "chat", layer=c.layer, seed=seed,
+                            calibrate=False, progress=step)
+        if rule:
+            v.extra["eval"] = rule
+        for p in _prompts(prompt):
+            variants.append(steered_variant(p, v, None if op == "ablate" else c.layer,
+                                            alpha, True, positions, kind="method",
+                                            label=m, op=op))
+            variants[-1].markers = markers
+            variants[-1].extra["method"] = m
+    return run(lab, variants, **run_kw)
+
+
 def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mapping[str, float],
                  normalize: bool = True, name: str | None = None,
                  layer: int | None = None, strength: float | None = None) -> Concept:
@@ -600,7 +727,8 @@ def mix(lab: "Lab", prompt: str | Sequence[str],
         rows.append(steered_variant(p, mixed, layer, strength, relative, positions,
                                     kind="mix"))
     records = run(lab, rows, **run_kw)
-    if save:
+    # Under several ranks one of them saves (every rank has the same records).
+    if save and distributed.is_lead(run_kw.get("group") or lab.group):
         path = lab.save_concept(mixed)
         for r in records:
             if r["kind"] == "mix":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from . import train
 from .concept import Concept
 from .errors import InvalidArgumentError
 from .metrics import log_softmax, massive_positions
@@ -25,7 +26,7 @@ from .metrics import log_softmax, massive_positions
 if TYPE_CHECKING:
     from .lab import Lab
 
-METHODS = ("mean", "pca", "classic")
+METHODS = ("mean", "pca", "classic", "trained")
 READS = ("last", "mean")
 KL_TARGET = 1.0
 ALPHA_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
@@ -141,8 +142,14 @@ def calibrate_strength(lab: "Lab", concept: Concept, layer: int,
 
 def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
             read: str = "last", chat: bool = False, progress: Progress | None = None,
-            calibrate: bool = True, **meta) -> Concept:
-    """A concept from (positive, negative) text pairs, with a vector for every layer."""
+            calibrate: bool = True, layer: int | None = None, seed: int = 0,
+            **meta) -> Concept:
+    """A concept from (positive, negative) text pairs, with a vector for every layer.
+
+    `layer` replaces the recommended block. `method="trained"` trains the vector at
+    that block (default: the one the mean difference recommends) with
+    `mlx_steer.train` (seeded by `seed`); the other blocks keep the mean difference.
+    """
     from .library import validate_name
 
     name = validate_name(name)
@@ -151,6 +158,10 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
         raise InvalidArgumentError(f"method must be one of {METHODS}, got {method!r}")
     if not pairs or any(not p.strip() or not n.strip() for p, n in pairs):
         raise InvalidArgumentError("give at least one pair of non-empty (positive, negative) texts")
+    if all(p == n for p, n in pairs):
+        raise InvalidArgumentError(
+            "every pair has the same positive and negative text: there is no contrast "
+            "to extract a direction from")
     if method == "pca" and len(pairs) < 2:
         raise InvalidArgumentError("the pca method needs at least 2 pairs")
     if method == "classic":
@@ -158,16 +169,27 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
     texts = [p for p, _ in pairs] + [n for _, n in pairs]
     pooled, norms = capture(lab, texts, read, chat, progress)
     pos, neg = pooled[: len(pairs)], pooled[len(pairs):]
-    vectors = directions(pos, neg, method)
+    vectors = directions(pos, neg, "mean" if method == "trained" else method)
     scores = fisher_scores(pos, neg, vectors) if len(pairs) > 1 else np.linalg.norm(
         vectors, axis=1) / norms
-    layer = recommend_layer(scores)
+    if layer is None:
+        layer = recommend_layer(scores)
+    elif isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
+            0 <= layer < len(norms)):
+        raise InvalidArgumentError(f"layer must be an int in 0 … {len(norms) - 1}, got {layer!r}")
+    trained = None
+    if method == "trained":
+        vectors[layer], trained = train.train_vector(lab, pairs, int(layer), vectors[layer],
+                                                     float(norms[layer]), seed=seed,
+                                                     progress=progress)
     concept = Concept(name=name, vectors=vectors, norms=norms, layer=layer, strength=0.25,
                       model_fingerprint=lab.fingerprint, model_name=lab.name, method=method,
                       read=read, template="chat" if chat else "raw", pairs=pairs, **meta)
     concept.extra.update({"model_hint": lab.model_type,
                           "layer_scores": [round(float(s), 4) for s in scores]})
-    if calibrate:
+    if trained is not None:
+        concept.extra["trained"] = trained
+    if calibrate and not concept.extra.get("zero_vector"):
         concept.strength, kls = calibrate_strength(lab, concept, layer)
         concept.extra["kl_grid"] = dict(zip(map(str, ALPHA_GRID), map(float, kls)))
     return concept

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import prefix
+from . import prefix, threads
 from .models import base
 from .steer import Steer
 
@@ -47,11 +47,15 @@ def stream(model: nn.Module, tokenizer, tokens: list[int], caches: list,
     """Text pieces of one request; steering rides on `caches`."""
     from mlx_lm.generate import stream_generate
 
-    for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
-                             sampler=make_sampler(temperature, top_p, seed),
-                             prompt_cache=caches, prefill_step_size=prefill_step_size):
-        if r.text:
-            yield r.text
+    threads.note_thread()  # a generator may be consumed on another thread than made it
+    try:
+        for r in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
+                                 sampler=make_sampler(temperature, top_p, seed),
+                                 prompt_cache=caches, prefill_step_size=prefill_step_size):
+            if r.text:
+                yield r.text
+    finally:
+        base.wait_for_generation()
 
 
 def feed(model: nn.Module, x: mx.array, caches: list,

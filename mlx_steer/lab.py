@@ -11,10 +11,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import generation
+from . import bake as baking
+from . import generation, threads, validate
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
-from .steer import Steer, SteerLike, as_steers, check_steers
+from .steer import Steer, SteerLike, as_steers, check_steers, expand_steers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,12 +41,15 @@ class Lab:
     Attributes:
         model, tokenizer: the mlx-lm objects (blocks made steerable in place).
         name: what was loaded; note: why (e.g. what "auto" chose).
+        group: the `mx.distributed` group the model is sharded over (tensor
+            parallel or pipeline stages; every rank then makes every call), or None.
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str,
-                 context_length: int | None = None, note: str = ""):
+                 context_length: int | None = None, note: str = "", group=None):
         base.install(model)
         self.model = model
+        self.group = group
         self.tokenizer = tokenizer
         self.name = name
         self.note = note
@@ -58,11 +62,17 @@ class Lab:
     # ---- shape of the model -------------------------------------------------
     @property
     def num_layers(self) -> int:
-        return len(self.model.layers)
+        return base.num_layers(self.model)
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.args.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table: valid token ids are 0 … vocab_size-1."""
+        emb = self.model.model.embed_tokens
+        return int(getattr(emb, "num_embeddings", None) or emb.weight.shape[0])
 
     @property
     def model_type(self) -> str:
@@ -86,8 +96,7 @@ class Lab:
     # ---- tokens ----------------------------------------------------------------
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of `text`, through the chat template when `chat`."""
-        if not isinstance(text, str) or not text.strip():
-            raise EmptyPromptError("the prompt is empty: type some text to continue")
+        validate.text(text)
         if chat and getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True)
@@ -95,7 +104,16 @@ class Lab:
             ids = self.tokenizer.encode(text)
         return list(ids)
 
-    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0):
+    def _tokens(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        """A prompt's token ids: text is encoded, ids are checked against the vocabulary
+        (an id outside it would read outside the embedding table)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt, chat)
+        return validate.token_ids(prompt, self.vocab_size)
+
+    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
+               ) -> list[Steer]:
+        """Raise a typed error for bad input; the steers with layer ranges expanded."""
         if not tokens:
             raise EmptyPromptError("the prompt encodes to no tokens")
         if len(tokens) + max_tokens > self.context_length:
@@ -105,12 +123,15 @@ class Lab:
                 + f", more than this model's context of {self.context_length}; "
                 "shorten it")
         check_steers(steers, self.num_layers, self.hidden_size, self.fingerprint)
+        threads.note_thread()  # this thread is about to run the model
+        return expand_steers(steers, self.num_layers)
 
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
-                      temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Raise the typed error `generate` would raise for this request (tokens given)."""
+                      temperature: float = 0.0, top_p: float = 1.0) -> list[Steer]:
+        """Raise the typed error `generate` would raise for this request (tokens given);
+        return its steers with layer ranges expanded, as `generate` would run them."""
         _check_options(max_tokens, temperature, top_p)
-        self._check(tokens, steers, max_tokens)
+        return self._check(tokens, steers, max_tokens)
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
@@ -121,13 +142,15 @@ class Lab:
         is where "prompt" ends and "generated" begins for position rules, so a
         generated sequence can be replayed exactly.
         """
-        tokens = self.encode(text, chat) if isinstance(text, str) else list(text)
-        steers = as_steers(steer)
-        self._check(tokens, steers)
+        tokens = self._tokens(text, chat)
+        steers = self._check(tokens, as_steers(steer))
+        if prompt_len is not None:
+            prompt_len = validate.integer(prompt_len, "prompt_len", 1, len(tokens))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
         caches = base.make_caches(self.model, plans, capture=True)
         logits = self.model(mx.array(tokens)[None], cache=caches)
-        hidden = mx.stack([c.capture[0][0] for c in caches]).astype(mx.float32)
+        got = base.captured(self.model, caches, range(self.num_layers), logits, self.group)
+        hidden = mx.stack([got[layer][0] for layer in range(self.num_layers)])
         logits = logits[0].astype(mx.float32)
         mx.eval(hidden, logits)
         return Trace(tokens, np.array(hidden), np.array(logits))
@@ -147,17 +170,21 @@ class Lab:
 
         Returns one float32 (num_layers, T_i, D) array per text, padding removed.
         """
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise InvalidArgumentError("hidden_states_batch needs a non-empty list of texts")
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
             self._check(t, steers)
+        steers = expand_steers(steers, self.num_layers)
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
         x = mx.array([[0] * p + t for p, t in zip(pads, toks)])
         plans = base.build_plans([steers] * len(toks), [len(t) for t in toks])
         caches = base.make_caches(self.model, plans, left_padding=pads, capture=True)
-        self.model(x, cache=caches)
-        hidden = mx.stack([c.capture[0] for c in caches], axis=1).astype(mx.float32)
+        out = self.model(x, cache=caches)
+        got = base.captured(self.model, caches, range(self.num_layers), out, self.group)
+        hidden = mx.stack([got[layer] for layer in range(self.num_layers)], axis=1)
         mx.eval(hidden)
         h = np.array(hidden)  # (B, L, W, D)
         return [h[i, :, p:] for i, p in enumerate(pads)]
@@ -168,9 +195,9 @@ class Lab:
                top_p: float = 1.0) -> Iterator[str]:
         """Yield the generated text piece by piece (mlx-lm's `stream_generate`)."""
         tokens = self.encode(prompt, chat)
-        steers = as_steers(steer)
-        _check_options(max_tokens, temperature, top_p)
-        self._check(tokens, steers, max_tokens)
+        max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
+        seed = validate.seed(seed)
+        steers = self._check(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
         return generation.stream(self.model, self.tokenizer, tokens, caches,
@@ -205,14 +232,26 @@ class Lab:
         A prompt may also be a list of token ids (used as is); `seed` may be one
         seed per row.
         """
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+            raise InvalidArgumentError("requests must be a list of (prompt, steer) pairs")
         if not requests:
             return []
-        _check_options(max_tokens, temperature, top_p)
+        max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
+        if isinstance(seed, (list, tuple, np.ndarray)):
+            if len(seed) != len(requests):
+                raise InvalidArgumentError(
+                    f"{len(seed)} seeds for {len(requests)} requests: give one per row")
+            seed = [validate.seed(x) for x in seed]
+        else:
+            seed = validate.seed(seed)
         toks, rows = [], []
-        for prompt, steer in requests:
-            t = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-            s = as_steers(steer)
-            self._check(t, s, max_tokens)
+        for req in requests:
+            if not isinstance(req, (tuple, list)) or len(req) != 2:
+                raise InvalidArgumentError(
+                    f"each request must be a (prompt, steer) pair, got {req!r:.60}")
+            prompt, steer = req
+            t = self._tokens(prompt, chat)
+            s = self._check(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
@@ -261,7 +300,7 @@ class Lab:
         return self._cached_builtin(name) if name in self.builtins() else None
 
     def _cached_builtin(self, name: str) -> "Concept | None":
-        from .errors import CorruptFileError
+        from .errors import MlxSteerError
         from .library import Library, builtin_spec, spec_digest
 
         cache = Library(self.fingerprint, self.name, sub="builtin")
@@ -270,8 +309,8 @@ class Lab:
                 c = cache.load(name)
                 if c.extra.get("spec_digest") == spec_digest(builtin_spec(name)):
                     return c
-            except CorruptFileError:
-                pass  # recomputed by _builtin
+            except MlxSteerError:
+                pass  # unreadable, invalid or another model's: extracted again by _builtin
         return None
 
     def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
@@ -318,11 +357,22 @@ class Lab:
 
     def extract(self, name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
                 read: str = "last", chat: bool = False,
-                progress: Callable[[int, int], None] | None = None, **meta) -> "Concept":
-        """A concept from (positive, negative) pairs: a vector for every layer (not saved)."""
+                progress: Callable[[int, int], None] | None = None,
+                layer: int | None = None, seed: int = 0, **meta) -> "Concept":
+        """A concept from (positive, negative) pairs: a vector for every layer (not saved).
+
+        `method`: "mean", "pca", "classic" or "trained" (a preference-trained vector at
+        `layer`, default the recommended block; see `mlx_steer.train`)."""
         from .extract import extract
 
-        return extract(self, name, pairs, method, read, chat, progress, **meta)
+        return extract(self, name, pairs, method, read, chat, progress, layer=layer,
+                       seed=seed, **meta)
+
+    def bake(self, steer: SteerLike, path: "str | Path", overwrite: bool = False) -> "Path":
+        """Write an MLX model folder with `steer` folded into the weights (ablation at
+        every block, additions at one block each); `mlx_lm.load(path)` opens it
+        without mlx-steer. See `mlx_steer.bake` for what can be baked."""
+        return baking.save(self, steer, path, overwrite)
 
     def save_concept(self, concept: "Concept") -> "Path":
         """Save to this model's library (atomic; refuses another model's concept)."""
@@ -332,10 +382,13 @@ class Lab:
         self.library.delete(name)
 
 
-def _check_options(max_tokens: int, temperature: float, top_p: float) -> None:
-    if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise InvalidArgumentError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise InvalidArgumentError(f"temperature must be finite and >= 0, got {temperature}")
+def _check_options(max_tokens: int, temperature: float, top_p: float
+                   ) -> tuple[int, float, float]:
+    max_tokens = validate.integer(max_tokens, "max_tokens", 1)
+    temperature = validate.real(temperature, "temperature")
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0, got {temperature}")
+    top_p = validate.real(top_p, "top_p")
     if not (0 < top_p <= 1):
         raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    return max_tokens, temperature, top_p

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ModelNotFoundError, UnsupportedModelError
+from .errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
 from .lab import Lab
+from .models import base
 
 EMBEDDED = "smollm2-135m"
 ALIASES = {
@@ -43,7 +44,8 @@ def default_dequantize() -> bool:
     return mx.default_device() == mx.cpu or not mx.metal.is_available()
 
 
-def load(name: str | None = None, dequantize: bool | None = None) -> Lab:
+def load(name: str | None = None, dequantize: bool | None = None, group=None,
+         sharding: str = "auto") -> Lab:
     """Load a model and make it steerable.
 
     Args:
@@ -54,31 +56,41 @@ def load(name: str | None = None, dequantize: bool | None = None) -> Lab:
             `.gguf` file.
         dequantize: for GGUF files, expand quantised weights to float32
             (default: on the CPU backend, where that decodes faster).
+        group: an `mx.distributed` group (e.g. `mlx_steer.distributed.world()`
+            under `mlx.launch`): the model is sharded over its ranks with
+            mlx-lm's own sharding (Hugging Face repos and MLX folders through
+            `mlx_lm.utils.sharded_load`, which reads only each rank's part);
+            every rank must then make the same calls. A group of one is ignored.
+        sharding: "auto" (tensor parallel where mlx-lm has it for the model, else
+            pipeline stages), "tensor" or "pipeline".
     """
+    if group is not None and group.size() < 2:
+        group = None
     if name is None or name in (EMBEDDED, "embedded", "default"):
-        return _load_gguf(embedded_gguf(), EMBEDDED, dequantize)
+        return _load_gguf(embedded_gguf(), EMBEDDED, dequantize, group, sharding)
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}")
     if name == "auto":
-        return _load_auto(dequantize)
+        return _load_auto(dequantize, group, sharding)
     path = Path(os.path.expanduser(name))
     if name.lower().endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"no GGUF file at {name}")
-        return _load_gguf(path, path.stem, dequantize)
+        return _load_gguf(path, path.stem, dequantize, group, sharding)
     if path.is_dir():
-        return _load_mlx(str(path), name)
+        return _load_mlx(str(path), name, group, sharding)
     if name in ALIASES:
-        return _load_mlx(ALIASES[name], name)
+        return _load_mlx(ALIASES[name], name, group, sharding)
     if _REPO_ID.match(name):
-        return _load_mlx(name, name)
+        return _load_mlx(name, name, group, sharding)
     raise ModelNotFoundError(
         f"unknown model {name!r}: use None (embedded SmolLM2), "
         f"{', '.join(repr(a) for a in ALIASES)}, 'auto', a Hugging Face repo id "
         "(owner/name), a local MLX model folder or a .gguf file")
 
 
-def _load_gguf(path: Path, name: str, dequantize: bool | None) -> Lab:
+def _load_gguf(path: Path, name: str, dequantize: bool | None, group=None,
+               sharding: str = "auto") -> Lab:
     from . import gguf_model
 
     if dequantize is None:
@@ -90,14 +102,22 @@ def _load_gguf(path: Path, name: str, dequantize: bool | None) -> Lab:
     else:
         model, meta = gguf_model.load_model(path)
         tokenizer = gguf_model.load_tokenizer(meta)
-    return Lab(model, tokenizer, name, context_length=model.args.max_position_embeddings)
+    if group is not None:
+        base.shard(model, group, sharding)  # the whole file is read first, then sliced
+    return Lab(model, tokenizer, name, context_length=model.args.max_position_embeddings,
+               group=group)
 
 
-def _load_mlx(repo_or_dir: str, name: str) -> Lab:
+def _load_mlx(repo_or_dir: str, name: str, group=None, sharding: str = "auto") -> Lab:
     try:
         import mlx_lm
 
-        model, tokenizer = mlx_lm.load(repo_or_dir)
+        if group is None:
+            model, tokenizer = mlx_lm.load(repo_or_dir)
+        else:
+            model, tokenizer = _sharded_load(repo_or_dir, group, sharding)
+    except (UnsupportedModelError, InvalidArgumentError):
+        raise
     except Exception as e:  # hub, network and file errors come in many types
         if Path(repo_or_dir).is_dir():
             raise UnsupportedModelError(
@@ -107,7 +127,30 @@ def _load_mlx(repo_or_dir: str, name: str) -> Lab:
             "the Hugging Face cache nor downloadable here. On a connected machine run "
             f"`huggingface-cli download {repo_or_dir}` (the cache is shared with "
             "mlx-lm), or pass a local MLX model folder") from None
-    return Lab(model, tokenizer, name)
+    return Lab(model, tokenizer, name, group=group)
+
+
+def _sharded_load(repo_or_dir: str, group, sharding: str):
+    """mlx-lm's `sharded_load`, after checking that the model splits evenly."""
+    from mlx_lm.utils import load_model, sharded_load
+
+    # A lazy load reads only the config and the tensor headers; nothing is materialised.
+    lazy, _ = load_model(_local_config_dir(repo_or_dir), lazy=True, strict=False)
+    kind = base.sharding_kind(lazy, sharding)
+    problem = base.shard_problem(lazy, group.size(), kind)
+    if problem:
+        raise UnsupportedModelError(f"cannot shard {repo_or_dir}: {problem}")
+    return sharded_load(repo_or_dir, pipeline_group=group if kind == "pipeline" else None,
+                        tensor_group=group if kind == "tensor" else None)
+
+
+def _local_config_dir(repo_or_dir: str) -> Path:
+    path = Path(repo_or_dir)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_or_dir, allow_patterns=["*.json", "*.py"]))
 
 
 def memory_gb() -> float:
@@ -161,8 +204,8 @@ def choose_auto() -> tuple[str | None, str]:
     return None, "using the embedded SmolLM2-135M: " + "; ".join(reasons)
 
 
-def _load_auto(dequantize: bool | None) -> Lab:
+def _load_auto(dequantize: bool | None, group=None, sharding: str = "auto") -> Lab:
     alias, reason = choose_auto()
-    lab = load(alias, dequantize)
+    lab = load(alias, dequantize, group, sharding)
     lab.note = reason
     return lab

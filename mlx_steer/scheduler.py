@@ -42,7 +42,8 @@ class Event:
 
 @dataclass(eq=False)
 class Job:
-    """One generation request. `sink` is called from the engine thread."""
+    """One generation request. `sink` is called from the engine thread; `steers` are
+    checked and expanded to int layers (what `Lab.check_request` returns)."""
 
     tokens: list[int]
     steers: list[Steer]

@@ -143,8 +143,8 @@ class SteerServer:
         with self.lab.lock:  # a built-in concept may be extracted here
             steers = api.parse_steering(self.lab, body.get("steering"),
                                         self.allow_raw_vectors)
-        self.lab.check_request(tokens, steers, opts.max_tokens, opts.temperature,
-                               opts.top_p)
+        steers = self.lab.check_request(tokens, steers, opts.max_tokens, opts.temperature,
+                                        opts.top_p)
         return opts, tokens, steers
 
     async def _generate(self, request: Request, chat: bool) -> Response:

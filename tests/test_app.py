@@ -36,7 +36,7 @@ def app_env():
     yield
     mp.undo()
     m = lab()
-    for name in ("test_glad", "test_mix", "test_exp_mix"):
+    for name in ("test_glad", "test_mix", "test_exp_mix", "test_broken"):
         if name in m.library:
             m.delete_concept(name)
 
@@ -268,6 +268,29 @@ def test_playground_raw_strength_mode():
     assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
 
 
+def test_playground_ablation_and_cap():
+    at = open_page("playground")
+    m = lab()
+    happy = m.concept("happy")
+    at.slider(key="pg_max_tokens").set_value(8)
+    at.radio(key="pg_op").set_value("ablate").run()
+    ok(at)
+    assert at.checkbox(key="pg_ablate_all").value  # every block by default
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["summary"]["operation"] == "ablate" and res["summary"]["layer"] == "all"
+    assert res["steered"] == m.generate(res["prompt"], happy.ablate(), max_tokens=8)
+    at.radio(key="pg_op").set_value("cap").run()
+    at.slider(key="pg_alpha").set_value(0.0)
+    at.button(key="pg_generate_btn").click().run()
+    ok(at)
+    res = at.session_state["playground"]
+    assert res["summary"]["operation"] == "cap" and res["summary"]["cap on h·v̂"] == 0
+    steer = happy.steer(res["summary"]["layer"], 0.0, op="cap")
+    assert res["steered"] == m.generate(res["prompt"], steer, max_tokens=8)
+
+
 def test_playground_demo_button_fills_the_controls():
     at = open_page("playground")
     at.button(key="pg_demo_btn").click().run()
@@ -312,6 +335,27 @@ def test_visualizer_heatmaps_same_tokens_after_injection(created):
 
 
 # ---- Library ---------------------------------------------------------------------------
+
+
+def test_library_page_marks_a_corrupt_concept_and_lists_the_rest(created):
+    m = lab()
+    broken = m.library.dir / "test_broken.json"
+    m.save_concept(mlx_steer_concept_copy(m, "test_broken"))
+    broken.write_text('{"vectors_file": ' * 3)
+    try:
+        at = open_page("library")
+        table = pd.DataFrame(at.session_state["library_table"]).set_index("name")
+        assert table.loc["test_broken", "status"].startswith("unreadable:")
+        assert table.loc["test_glad", "status"] == "ready"
+        assert {"happy", "sad"} <= set(table.index)
+    finally:
+        m.delete_concept("test_broken")
+
+
+def mlx_steer_concept_copy(m, name):
+    from dataclasses import replace
+
+    return replace(m.concept("test_glad"), name=name)
 
 
 def test_library_lists_inspects_mixes_exports_and_deletes(created):
@@ -389,6 +433,21 @@ def test_experiments_layer_strength_and_mix(created):
     assert any("no concept “friendly”" in w.value for w in at.warning)
     assert any("not name:weight" in w.value for w in at.warning)
     assert at.button(key="exp_mix_btn").disabled
+
+
+def test_experiments_methods_and_operations():
+    at = open_page("experiments")
+    at.slider(key="exp_methods_tokens").set_value(4)
+    at.multiselect(key="exp_methods_methods").set_value(["mean", "pca"])
+    at.radio(key="exp_methods_op").set_value("cap")
+    at.slider(key="exp_methods_alpha").set_value(0.1)
+    at.button(key="exp_methods_btn").click().run()
+    ok(at)
+    recs = at.session_state["exp_methods"]
+    assert [r["label"] for r in recs if not r["is_baseline"]] == ["mean", "pca"]
+    assert {r["op"] for r in recs if not r["is_baseline"]} == {"cap"}
+    bars = chart_with(at, "label", "concept_score", exact=True)
+    assert len(bars) == 3
 
 
 # ---- Introspection ----------------------------------------------------------------------

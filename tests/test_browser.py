@@ -162,6 +162,12 @@ def test_playground_demo_in_the_browser(server, browser):
         assert base != steered
         assert page.get_by_text("With “enthusiastic”").is_visible()
         shot(page, "playground-demo")
+        # The operation control: ablate the direction instead of adding it.
+        page.get_by_text("ablate its direction (remove the component)").click()
+        settle(page)
+        assert page.get_by_text("Ablate at every block and the embedding output").is_visible()
+        again, ablated = generate(page)
+        assert again == base and ablated and "press Generate" not in ablated
     finally:
         ctx.close()
 

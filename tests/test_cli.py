@@ -289,3 +289,37 @@ def test_text_output(inproc, capsys):
                      "-q"]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "happy · layer" in out and "│" in out and "ppl" in out
+
+
+@pytest.mark.model
+def test_ops_trained_and_bake_commands(inproc, capsys, tmp_path, monkeypatch):
+    from mlx_steer import train
+
+    d = call(capsys, "generate", "--prompt", "Write a happy birthday card.", "--concept",
+             "happy", "--op", "ablate", "--max-tokens", "4", "--no-metrics", "--json", "-q")
+    assert d["op"] == "ablate" and d["layer"] == "all" and d["rows"][1]["op"] == "ablate"
+    d = call(capsys, "generate", "--prompt", "Hi!", "--concept", "happy", "--op", "cap",
+             "--strength", "0", "--layer", "12", "--max-tokens", "3", "--no-metrics",
+             "--json", "-q")
+    assert d["op"] == "cap" and d["layer"] == 12
+    assert cli.main(["generate", "--prompt", "Hi!", "--concept", "happy", "--op", "twist"]) == 2
+    assert "--op" in one_error_line(capsys.readouterr().err)
+
+    monkeypatch.setattr(train, "MAX_STEPS", 2)  # the command path, not the optimiser, is tested
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([["What a wonderful day!", "It is a day."],
+                                 ["I love it, pure joy!", "I saw it."]]))
+    d = call(capsys, "extract", "--name", "joy-trained", "--pairs", str(pairs), "--method",
+             "trained", "--layer", "12", "--no-save", "--json", "-q")
+    assert d["method"] == "trained" and d["layer"] == 12 and d["trained"]["steps"] == 2
+
+    out = tmp_path / "baked"
+    d = call(capsys, "bake", "--out", str(out), "--ablate", "happy", "--add", "pirate:0.2@10",
+             "--json", "-q")
+    assert d["path"] == str(out) and [o["op"] for o in d["note"]["operations"]] == [
+        "ablate", "add"]
+    assert (out / "config.json").exists() and (out / "mlx_steer_bake.json").exists()
+    assert cli.main(["bake", "--out", str(out), "--ablate", "happy", "-q"]) == 2
+    assert "not empty" in one_error_line(capsys.readouterr().err)
+    assert cli.main(["bake", "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "--ablate" in one_error_line(capsys.readouterr().err)

@@ -36,10 +36,13 @@ def test_install_keeps_names_classes_and_loading(tiny):
     model = tiny.model
     expected = SteeredLlamaBlock if tiny.model_type == "mistral" else SteeredPhi3Block
     assert all(type(layer) is expected for layer in model.layers)
+    assert all(isinstance(layer.self_attn, base.SteerAttentionMixin) for layer in model.layers)
     names = param_names(model)
     uninstall(model)
     assert param_names(model) == names
     assert not any(isinstance(layer, base.SteerMixin) for layer in model.layers)
+    assert not any(isinstance(layer.self_attn, base.SteerAttentionMixin)
+                   for layer in model.layers)
     install(model)
     install(model)  # idempotent
     assert all(type(layer) is expected for layer in model.layers)

@@ -72,7 +72,7 @@ def test_layer_out_of_range(lab):
     with pytest.raises(errors.LayerOutOfRangeError, match=r"0 … 3"):
         lab.logits("hello", Steer(v(), 4))
     with pytest.raises(errors.LayerOutOfRangeError):
-        Steer(v(), -1)
+        Steer(v(), -2)  # -1 is the embedding output
     with pytest.raises(errors.LayerOutOfRangeError):
         Steer(v(), 1.5)
 

@@ -160,6 +160,12 @@ def test_chat_and_completions_equal_lab_generate(server, smollm, concepts):
                          seed=11)
     assert sampled == alone(smollm, p, happy.steer(strength=0.2), temperature=0.9, seed=11)
 
+    # Other operations go through Concept.steer, ranges and "all" included.
+    capped, _, _ = chat(c, p, [{"concept": "happy", "op": "cap", "layer": 14, "strength": 0.0}])
+    assert capped == alone(smollm, p, happy.steer(14, 0.0, op="cap"))
+    ablated, _, _ = chat(c, p, [{"concept": "sad", "op": "ablate", "layer": "all"}])
+    assert ablated == alone(smollm, p, sad.ablate())
+
 
 def test_stop_strings_end_the_answer(server, smollm):
     p = "Tell me about your weekend."
@@ -230,8 +236,8 @@ def test_bad_requests_are_400_with_the_typed_message(server, smollm):
     assert f"this model has {smollm.num_layers} layers" in body["message"]
     body = bad([{"concept": "happy", "positions": "middle"}])
     assert body["type"] == "InvalidPositionsError"
-    body = bad([{"concept": "happy", "op": "ablate"}])
-    assert body["type"] == "InvalidArgumentError" and "ablate" in body["message"]
+    body = bad([{"concept": "happy", "op": "multiply"}])
+    assert body["type"] == "InvalidArgumentError" and "multiply" in body["message"]
     body = bad([{"vector": [0.0] * smollm.hidden_size, "layer": 3}])
     assert "--allow-raw-vectors" in body["message"]
     # NaN is not JSON, but Python's json (and some clients) write it.

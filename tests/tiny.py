@@ -33,16 +33,17 @@ VOCAB = 256 + len(SPECIALS)
 
 
 def tiny_model(kind: str, seed: int = 0, layers: int = 4, hidden: int = 64):
-    """A real mlx-lm model ("mistral", "phi3" or "qwen2") with tiny random weights."""
+    """A real mlx-lm model ("llama" (tied embeddings), "mistral", "phi3" or "qwen2")
+    with tiny random weights."""
     mx.random.seed(seed)
     common = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                   vocab_size=VOCAB, max_position_embeddings=512)
-    if kind == "mistral":
+    if kind in ("mistral", "llama"):
         from mlx_lm.models import llama
 
-        model = llama.Model(llama.ModelArgs(model_type="mistral", tie_word_embeddings=False,
-                                            **common))
+        model = llama.Model(llama.ModelArgs(model_type=kind,
+                                            tie_word_embeddings=kind == "llama", **common))
     elif kind == "phi3":
         from mlx_lm.models import phi3
 
@@ -67,3 +68,19 @@ def tiny_lab(kind: str, seed: int = 0, **kw) -> Lab:
 
 def param_names(model) -> list[str]:
     return [k for k, _ in tree_flatten(model.parameters())]
+
+
+def save_tiny(path, kind: str = "mistral", seed: int = 0, **kw):
+    """Write a tiny model as an MLX model folder (config, safetensors, tokenizer), so
+    separate processes (e.g. the ranks of `mlx.launch`) load the same weights."""
+    import dataclasses
+    from pathlib import Path
+
+    from mlx_lm.utils import save_config, save_model
+
+    path = Path(path)
+    model = tiny_model(kind, seed, **kw)
+    save_model(path, model)
+    save_config(dataclasses.asdict(model.args), path / "config.json")
+    tiny_tokenizer().save_pretrained(str(path))
+    return path

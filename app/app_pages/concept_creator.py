@@ -28,10 +28,13 @@ c1, c2 = st.columns([2, 3])
 with c1:
     name = st.text_input("Concept name", placeholder="e.g. cheerful", key="creator_name",
                          help="1–64 lowercase letters, digits, '_' or '-'.")
-    method = st.selectbox("Method", ["mean", "pca", "classic"], key="creator_method",
+    method = st.selectbox("Method", ["mean", "pca", "classic", "trained"],
+                          key="creator_method",
                           help="mean: mean of the pair differences (CAA). pca: first principal "
                                "component of the differences (RepE). classic: the first pair "
-                               "only, last token (the original lab's method).")
+                               "only, last token (the original lab's method). trained: a "
+                               "vector optimised at the recommended block with a "
+                               "bi-directional preference objective (BiPO-style; minutes).")
     read = st.selectbox("Read activations at", ["last", "mean"], key="creator_read",
                         format_func={"last": "the last token", "mean": "the mean over tokens "
                                      "(position 0 excluded)"}.get)

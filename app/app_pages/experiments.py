@@ -79,7 +79,8 @@ def tokens_slider(key: str, default: int = 40) -> int:
     return st.slider("Tokens per row", 4, 120, default, step=4, key=key)
 
 
-tab_layers, tab_strength, tab_mix = st.tabs(["Layer analysis", "Strength explorer", "Mixing"])
+tab_layers, tab_strength, tab_mix, tab_methods = st.tabs(
+    ["Layer analysis", "Strength explorer", "Mixing", "Methods & operations"])
 
 with tab_layers:
     st.markdown("The same concept injected at several blocks — each block with **its own "
@@ -204,5 +205,49 @@ with tab_mix:
                                    for r in recs], "label", m_metric), key="exp_mix_chart")
         frame = pd.DataFrame(recs)
         st.dataframe(frame[[c for c in TEXT_COLS if c in frame]], hide_index=True,
+                     width="stretch",
+                     column_config={"text": st.column_config.TextColumn(width="large")})
+
+with tab_methods:
+    st.markdown("One concept's pairs extracted again with each method — **mean** difference, "
+                "first **pca** component, a **trained** vector (bi-directional preference "
+                "objective, slower) — at the concept's block, and each vector applied with "
+                "the chosen operation at the same relative strength, as rows of one batched "
+                "decode next to the baseline.")
+    c1, c2 = st.columns(2)
+    with c1:
+        v_prompt = st.text_input("Prompt", ui.prompts_data()["neutral"][4],
+                                 key="exp_methods_prompt")
+        v_name = ui.concept_select(lab, "exp_methods_concept")
+        v_methods = st.multiselect("Methods", ["mean", "pca", "trained"],
+                                   default=["mean", "pca"], key="exp_methods_methods",
+                                   help="“trained” runs a short optimisation first (about "
+                                        "a minute per concept on a laptop CPU).")
+    with c2:
+        v_op = ui.op_select("exp_methods_op")
+        v_alpha = st.slider("Strength α (relative)", 0.0, 1.5, 0.3, 0.05,
+                            key="exp_methods_alpha", disabled=v_op == "ablate")
+        v_tokens = tokens_slider("exp_methods_tokens")
+    v_metric = metric_select("exp_methods_metric")
+    if st.button("Compare the methods", type="primary", key="exp_methods_btn",
+                 disabled=not v_methods):
+        try:
+            v_concept = ui.get_concept(lab, v_name)
+            bar = st.progress(0.0, text="Extracting with each method…")
+            recs = run_with_progress(
+                ex.method_comparison, v_prompt, v_concept, v_methods, v_alpha, op=v_op,
+                extract_progress=ui.progress_callback(bar, "extraction"),
+                max_tokens=v_tokens)
+            bar.empty()
+            if recs is not None:
+                st.session_state["exp_methods"] = recs
+        except MlxSteerError as e:
+            ui.show_error(e)
+    if st.session_state.get("exp_methods"):
+        recs = st.session_state["exp_methods"]
+        ui.chart(charts.rate_bars([{"label": r["label"], v_metric: r.get(v_metric)}
+                                   for r in recs], "label", v_metric), key="exp_methods_chart")
+        frame = pd.DataFrame(recs)
+        st.dataframe(frame[[c for c in ["op"] + TEXT_COLS if c in frame]], hide_index=True,
                      width="stretch",
                      column_config={"text": st.column_config.TextColumn(width="large")})

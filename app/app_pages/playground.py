@@ -47,6 +47,11 @@ with c2:
     layer = ui.layer_slider(lab, "pg_layer", default=concept.layer)
 with c3:
     strength, relative = ui.strength_controls(concept, layer, "pg")
+op = ui.op_select("pg_op")
+every = op == "ablate" and st.checkbox(
+    "Ablate at every block and the embedding output", True, key="pg_ablate_all",
+    help="Off: only at the chosen block. On: every write into the residual stream, as "
+         "weight orthogonalisation (`mlx-steer bake --ablate`) does.")
 
 with st.expander("Generation settings"):
     g1, g2, g3, g4 = st.columns(4)
@@ -64,12 +69,14 @@ right.markdown(f"**With “{concept.name}”**")
 slots = (left.empty(), right.empty())
 if go:
     try:
-        steer = concept.steer(layer, strength, relative=relative, positions=positions)
+        steer = concept.steer("all" if every else layer, strength, relative=relative,
+                              positions=positions, op=op)
         base, steered = ui.stream_pair(lab, prompt, steer, slots, max_tokens, temperature,
                                        int(seed))
         st.session_state["playground"] = {
             "prompt": prompt, "baseline": base, "steered": steered,
-            "summary": ui.injection_summary(concept, layer, strength, relative, positions, L),
+            "summary": ui.injection_summary(concept, "all" if every else layer, strength,
+                                            relative, positions, L, op),
             "settings": {"max_tokens": max_tokens, "temperature": temperature,
                          "seed": int(seed)}}
     except MlxSteerError as e:

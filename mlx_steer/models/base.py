@@ -19,18 +19,45 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from ..errors import UnsupportedModelError
-from ..steer import NEVER, Steer
+from ..steer import EMBEDDING, NEVER, Steer
 
 
 class LayerPlan:
     """The steering terms of one layer for one request or one batch.
 
-    Each term is (delta (B|1, 1, D) float32, start (B|1, 1), end (B|1, 1)):
-    `delta` is added at absolute positions start <= p < end of each row.
+    Terms are applied in the documented order (see `mlx_steer.steer`): every
+    addition, then every cap, then every ablation. All arrays have a row axis
+    (B or 1); a row without a term in some slot gets a zero delta / zero unit
+    vector there, which leaves its hidden state bit-identical.
+
+    - add:    (delta (B, 1, D), start (B, 1), end (B, 1))
+    - cap:    (unit (B, 1, D), cap (B, 1, 1), start, end)
+    - ablate: (unit (B, 1, D), start, end)
+    `start <= p < end` selects the absolute positions p of each row. `mid`
+    holds the ablations (`Steer.mid`) applied to the block's attention output,
+    i.e. to the stream in the middle of the block.
     """
 
-    def __init__(self, terms: list[tuple[mx.array, mx.array, mx.array]]):
+    def __init__(self, terms: list[tuple[mx.array, mx.array, mx.array]],
+                 caps: list[tuple[mx.array, mx.array, mx.array, mx.array]] | None = None,
+                 ablations: list[tuple[mx.array, mx.array, mx.array]] | None = None,
+                 mid: list[tuple[mx.array, mx.array, mx.array]] | None = None):
         self.terms = terms
+        self.caps = caps or []
+        self.ablations = ablations or []
+        self.mid = mid or []
+
+    def apply_mid(self, r: mx.array, pos: mx.array) -> mx.array:
+        """Ablate the `mid` directions from an attention output `r`.
+
+        The block's input has no component along them (it was ablated at the
+        previous block's output or the embedding), so projecting what attention
+        writes is projecting the stream in the middle of the block.
+        """
+        for unit, start, end in self.mid:
+            sel = ((pos >= start) & (pos < end))[..., None]
+            r = r - (sel * _along(r, unit) * unit).astype(r.dtype)
+        return r
 
     def apply(self, h: mx.array, pos: mx.array) -> mx.array:
         for delta, start, end in self.terms:
@@ -38,7 +65,19 @@ class LayerPlan:
             # The vector is cast to the stream's dtype: an fp32 vector would
             # otherwise promote every later layer and the KV cache.
             h = h + sel[..., None].astype(h.dtype) * delta.astype(h.dtype)
+        for unit, cap, start, end in self.caps:
+            sel = ((pos >= start) & (pos < end))[..., None]
+            excess = mx.maximum(_along(h, unit) - cap, 0.0)
+            h = h - (sel * excess * unit).astype(h.dtype)
+        for unit, start, end in self.ablations:
+            sel = ((pos >= start) & (pos < end))[..., None]
+            h = h - (sel * _along(h, unit) * unit).astype(h.dtype)
         return h
+
+
+def _along(h: mx.array, unit: mx.array) -> mx.array:
+    """The component h·v̂ per token, (B, T, 1), computed in float32."""
+    return (h.astype(mx.float32) * unit).sum(axis=-1, keepdims=True)
 
 
 def positions(offset: Any, length: int) -> mx.array:
@@ -48,6 +87,19 @@ def positions(offset: Any, length: int) -> mx.array:
     return offset[:, None] + mx.arange(length)[None]
 
 
+class SteerAttentionMixin:
+    """Applies the cache's mid-block ablations to an attention module's output."""
+
+    _base_block: type
+
+    def __call__(self, x, mask=None, cache=None, *args, **kwargs):
+        plan = getattr(cache, "steer", None)
+        if plan is None or not plan.mid:
+            return super().__call__(x, mask, cache, *args, **kwargs)
+        pos = positions(cache.offset, x.shape[1])  # before attention advances the offset
+        return plan.apply_mid(super().__call__(x, mask, cache, *args, **kwargs), pos)
+
+
 class SteerMixin:
     """Adds the cache's steering plan to the block output; optionally records it."""
 
@@ -55,10 +107,13 @@ class SteerMixin:
 
     def __call__(self, x, mask=None, cache=None, *args, **kwargs):
         plan = getattr(cache, "steer", None)
+        pre = getattr(cache, "pre_steer", None)  # the embedding output (block 0 only)
         capture = getattr(cache, "capture", None)
-        if plan is not None:
+        if plan is not None or pre is not None:
             # Read before the call: attention advances cache.offset.
             pos = positions(cache.offset, x.shape[1])
+        if pre is not None:
+            x = pre.apply(x, pos)
         h = super().__call__(x, mask, cache, *args, **kwargs)
         if plan is not None:
             h = plan.apply(h, pos)
@@ -75,20 +130,33 @@ def register(base: type, steered: type) -> None:
     _REGISTRY[base] = steered
 
 
-def _steered_class(cls: type) -> type:
-    if issubclass(cls, SteerMixin):
+def _takes_cache(cls: type) -> bool:
+    params = list(inspect.signature(cls.__call__).parameters)[1:]
+    return len(params) >= 3 and params[2] == "cache"
+
+
+def _steered_class(cls: type, mixin: type = SteerMixin) -> type:
+    if issubclass(cls, mixin):
         return cls
     if cls in _REGISTRY:
         return _REGISTRY[cls]
-    params = list(inspect.signature(cls.__call__).parameters)[1:]
-    if len(params) < 3 or params[2] != "cache":
+    if not _takes_cache(cls):
         raise UnsupportedModelError(
             f"{cls.__module__}.{cls.__name__} is not a decoder block called as "
             "(x, mask, cache); mlx-steer cannot steer this architecture"
         )
-    steered = type(f"Steered{cls.__name__}", (SteerMixin, cls), {"_base_block": cls})
+    steered = type(f"Steered{cls.__name__}", (mixin, cls), {"_base_block": cls})
     register(cls, steered)
     return steered
+
+
+def _attention(layer):
+    """The block's attention module when it is called as (x, mask, cache), else None."""
+    attn = getattr(layer, "self_attn", None)
+    if isinstance(attn, nn.Module) and (isinstance(attn, SteerAttentionMixin)
+                                        or _takes_cache(type(attn))):
+        return attn
+    return None
 
 
 def decoder_layers(model: nn.Module) -> list:
@@ -100,10 +168,34 @@ def decoder_layers(model: nn.Module) -> list:
     return list(layers)
 
 
+def _stage(model: nn.Module):
+    """mlx-lm's pipeline stage state (`PipelineMixin`) when the model is pipelined."""
+    inner = getattr(model, "model", None)
+    return inner if getattr(inner, "pipeline_size", 1) > 1 else None
+
+
+def num_layers(model: nn.Module) -> int:
+    """Decoder blocks of the whole model (a pipeline stage runs only some of them)."""
+    if _stage(model) is not None:
+        return int(model.args.num_hidden_layers)
+    return len(decoder_layers(model))
+
+
+def layer_span(model: nn.Module) -> range:
+    """Indices of the blocks this process runs: all, or a pipeline stage's slice."""
+    stage = _stage(model)
+    if stage is not None:
+        return range(stage.start_idx, stage.end_idx)
+    return range(len(decoder_layers(model)))
+
+
 def install(model: nn.Module) -> nn.Module:
     """Make every decoder block of `model` steerable (in place; idempotent)."""
     for layer in decoder_layers(model):
         layer.__class__ = _steered_class(type(layer))
+        attn = _attention(layer)
+        if attn is not None:
+            attn.__class__ = _steered_class(type(attn), SteerAttentionMixin)
     return model
 
 
@@ -112,34 +204,115 @@ def uninstall(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         if isinstance(layer, SteerMixin):
             layer.__class__ = type(layer)._base_block
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, SteerAttentionMixin):
+            attn.__class__ = type(attn)._base_block
     return model
+
+
+SHARDINGS = ("auto", "tensor", "pipeline")
+
+
+def sharding_kind(model: nn.Module, sharding: str = "auto") -> str:
+    """"tensor" or "pipeline": what mlx-lm can do for this model ("auto": tensor
+    parallelism where the model has it, else pipeline stages)."""
+    from ..errors import InvalidArgumentError
+
+    if sharding not in SHARDINGS:
+        raise InvalidArgumentError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    tensor = callable(getattr(model, "shard", None))
+    pipeline = callable(getattr(getattr(model, "model", None), "pipeline", None))
+    if sharding == "auto":
+        sharding = "tensor" if tensor else "pipeline"
+    if not (tensor if sharding == "tensor" else pipeline):
+        raise UnsupportedModelError(
+            f"mlx-lm has no {sharding} sharding for {type(model).__module__} "
+            f"(tensor: {'yes' if tensor else 'no'}, pipeline: {'yes' if pipeline else 'no'})")
+    return sharding
+
+
+def shard_problem(model: nn.Module, n: int, sharding: str = "tensor") -> str | None:
+    """Why `model` cannot be sharded over `n` ranks by mlx-lm, or None if it can.
+
+    mlx-lm's `shard(group)` splits attention heads, KV heads and the MLP's inner
+    width evenly across the ranks, and its `pipeline(group)` gives each rank at
+    least one block; neither checks.
+    """
+    if sharding == "pipeline":
+        total = num_layers(model)
+        return None if total >= n else f"its {total} blocks cannot make {n} pipeline stages"
+    if not callable(getattr(model, "shard", None)):
+        return f"mlx-lm has no tensor-parallel sharding for {type(model).__module__}"
+    args = getattr(model, "args", None)
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(args, field, None)
+        if isinstance(value, int) and value % n:
+            return (f"its {field} ({value}) is not divisible by {n} ranks; "
+                    "use a number of ranks that divides it")
+    return None
+
+
+def shard(model: nn.Module, group, sharding: str = "auto") -> nn.Module:
+    """Shard `model` in place over `group` with mlx-lm's own sharding.
+
+    Tensor parallel: every block's output is the full residual stream on every
+    rank (the row-sharded projections end in an all-reduce), so each rank adds
+    the same steering vectors there. Pipeline: a rank runs a slice of the
+    blocks and steers those (see `layer_span`); captured block outputs are
+    shared between the stages by `captured`.
+    """
+    kind = sharding_kind(model, sharding)
+    problem = shard_problem(model, group.size(), kind)
+    if problem:
+        raise UnsupportedModelError(f"cannot shard this model: {problem}")
+    if kind == "tensor":
+        model.shard(group)
+    else:
+        model.model.pipeline(group)
+    mx.eval(model.parameters())
+    return install(model)
 
 
 def build_plans(rows: Sequence[Sequence[Steer]], prompt_lens: Sequence[int]
                 ) -> dict[int, LayerPlan]:
-    """Per-layer plans for a batch: row i gets `rows[i]` (strength 0 is skipped)."""
+    """Per-layer plans for a batch: row i gets `rows[i]` (steers with int layers;
+    additions of strength 0 are skipped). Key -1 is the embedding output."""
     B = len(rows)
-    by_layer: dict[int, list[list[Steer]]] = {}
+    by_layer: dict[int, dict[str, list[list[Steer]]]] = {}
     for i, steers in enumerate(rows):
         for s in steers:
-            if s.strength == 0.0:
+            if s.is_noop:
                 continue
-            by_layer.setdefault(s.layer, [[] for _ in range(B)])[i].append(s)
+            ops = by_layer.setdefault(s.layer, {})
+            ops.setdefault(s.op, [[] for _ in range(B)])[i].append(s)
     plans = {}
-    for layer, per_row in by_layer.items():
-        terms = []
-        for k in range(max(len(r) for r in per_row)):
-            D = next(r[k].vector.shape[0] for r in per_row if len(r) > k)
-            delta = np.zeros((B, 1, D), np.float32)
-            start = np.full((B, 1), NEVER, np.int32)
-            end = np.full((B, 1), NEVER, np.int32)
-            for i, r in enumerate(per_row):
-                if len(r) > k:
-                    delta[i, 0] = r[k].delta
-                    start[i, 0], end[i, 0] = r[k].window(prompt_lens[i])
-            terms.append((mx.array(delta), mx.array(start), mx.array(end)))
-        plans[layer] = LayerPlan(terms)
+    for layer, ops in by_layer.items():
+        slots = {op: _slots(per_row, prompt_lens, op) for op, per_row in ops.items()}
+        mid = [[s for s in r if s.mid] for r in ops.get("ablate", [])]
+        plans[layer] = LayerPlan(slots.get("add", []), slots.get("cap", []),
+                                 slots.get("ablate", []),
+                                 _slots(mid, prompt_lens, "ablate") if any(mid) else [])
     return plans
+
+
+def _slots(per_row: list[list[Steer]], prompt_lens: Sequence[int], op: str) -> list[tuple]:
+    """Batched terms of one op: slot k holds every row's k-th steer of that op."""
+    B = len(per_row)
+    out = []
+    for k in range(max(len(r) for r in per_row)):
+        D = next(r[k].vector.shape[0] for r in per_row if len(r) > k)
+        vec = np.zeros((B, 1, D), np.float32)
+        cap = np.zeros((B, 1, 1), np.float32)
+        start = np.full((B, 1), NEVER, np.int32)
+        end = np.full((B, 1), NEVER, np.int32)
+        for i, r in enumerate(per_row):
+            if len(r) > k:
+                vec[i, 0] = r[k].delta if op == "add" else r[k].unit
+                cap[i] = r[k].cap if op == "cap" else 0.0
+                start[i, 0], end[i, 0] = r[k].window(prompt_lens[i])
+        vec, start, end = mx.array(vec), mx.array(start), mx.array(end)
+        out.append((vec, mx.array(cap), start, end) if op == "cap" else (vec, start, end))
+    return out
 
 
 def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
@@ -155,16 +328,117 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
         caches = make_prompt_cache(model)
     else:
         caches = [BatchKVCache(list(left_padding)) for _ in decoder_layers(model)]
-    for i, c in enumerate(caches):
-        if plans and i in plans:
-            c.steer = plans[i]
+    layers = decoder_layers(model)
+    for local, (layer, c) in enumerate(zip(layer_span(model), caches)):
+        if plans and layer in plans:
+            c.steer = plans[layer]
+            if plans[layer].mid and not isinstance(
+                    getattr(layers[local], "self_attn", None), SteerAttentionMixin):
+                raise UnsupportedModelError(
+                    f"block {layer} of {type(model).__name__} has no steerable self_attn "
+                    "called as (x, mask, cache): cannot ablate in the middle of the block")
         if capture:
             c.capture = []
+    if plans and EMBEDDING in plans:
+        caches[0].pre_steer = plans[EMBEDDING]
     return caches
+
+
+def watch(model: nn.Module, caches: list, layers) -> None:
+    """Make the caches of blocks `layers` (the ones this process runs) record their output."""
+    span = layer_span(model)
+    for layer in layers:
+        if layer in span:
+            caches[layer - span.start].capture = []
+
+
+def captured(model: nn.Module, caches: list, layers, out: mx.array, group=None
+             ) -> dict[int, mx.array]:
+    """The recorded (first) output of each block of `layers`, float32 (B, T, D);
+    `out` is the forward pass's output (B, T, ...).
+
+    A pipeline stage records only its own blocks: the stages add their records,
+    zeros elsewhere, with one all-reduce over `group`, so every rank gets every
+    block's output exactly. That all-reduce is made to wait for `out`: the
+    stages' send/receive must come first on every rank, or they wait on each
+    other.
+    """
+    span, layers = layer_span(model), list(layers)
+    if _stage(model) is None or not layers:
+        return {layer: caches[layer].capture[0].astype(mx.float32) for layer in layers}
+    zeros = mx.zeros((*out.shape[:2], int(model.args.hidden_size)), mx.float32)
+    stack = mx.stack([caches[layer - span.start].capture[0].astype(mx.float32)
+                      if layer in span else zeros for layer in layers])
+    stack = mx.depends(stack, out)
+    total = mx.distributed.all_sum(stack, group=group, stream=mx.cpu)
+    return {layer: total[i] for i, layer in enumerate(layers)}
+
+
+def wait_for_generation() -> None:
+    """Wait for the step mlx-lm's `generate_step` computes ahead on its own stream.
+
+    A generator that stops leaves that step pending; on a sharded model its
+    collectives would then run concurrently with the next call's, in an order
+    that differs between ranks, and mix their data.
+    """
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
 
 
 def new_kv_cache() -> KVCache:
     return KVCache()
+
+
+class ResidualWriters:
+    """Parameter names of the weights that write into the residual stream.
+
+    `embedding`: the token embedding; `blocks[i]`: the attention output and MLP
+    down projections of block i (their outputs are summed into the stream);
+    `mlp_biases[i]`: the MLP's bias names and sizes, when the architecture's
+    config can switch MLP biases on (`mlp_bias`, llama family), else None.
+    """
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(getattr(model, "model", None), "embed_tokens"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no model.embed_tokens: cannot fold steering "
+                "into its weights")
+        self.embedding = "model.embed_tokens.weight"
+        self.blocks: list[list[str]] = []
+        self.mlp_biases: list[dict[str, int]] | None = (
+            [] if hasattr(model.args, "mlp_bias") else None)
+        for i, layer in enumerate(decoder_layers(model)):
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            o_proj, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+            if not isinstance(o_proj, nn.Module) or not isinstance(down, nn.Module):
+                raise UnsupportedModelError(
+                    f"block {i} of {type(model).__name__} has no self_attn.o_proj and "
+                    "mlp.down_proj: cannot fold steering into its weights")
+            prefix = f"model.layers.{i}"
+            self.blocks.append([f"{prefix}.self_attn.o_proj", f"{prefix}.mlp.down_proj"])
+            if self.mlp_biases is not None:
+                projs = {n: getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}
+                if any(p is None for p in projs.values()):
+                    self.mlp_biases = None
+                else:
+                    self.mlp_biases.append({f"{prefix}.mlp.{n}.bias": int(p.weight.shape[0])
+                                            for n, p in projs.items()})
+        quantised = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+        if any(isinstance(m, quantised) for _, m in model.named_modules()):
+            raise UnsupportedModelError(
+                "the model's weights are quantised: load it with float weights "
+                "(GGUF: dequantize=True, the CPU default) to fold steering into them")
+        self.tied = bool(getattr(model.args, "tie_word_embeddings", False))
+
+
+def addition_caches(model: nn.Module, layer: int, delta: mx.array, start: int = 1) -> list:
+    """Fresh caches adding `delta` (an mx array, (D,) for every row or (B, D) one per
+    row; it may be traced by autodiff) to block `layer`'s output at absolute
+    positions >= `start`."""
+    delta = delta.reshape(-1, 1, delta.shape[-1])
+    plan = LayerPlan([(delta, mx.array([[start]]), mx.array([[NEVER]]))])
+    return make_caches(model, {layer: plan})
 
 
 # ---- continuous batching: rows join and leave a running batch ----------------------
@@ -174,6 +448,8 @@ def attach_plans(caches: list, plans: dict[int, LayerPlan]) -> None:
     """Give each layer's cache its plan (or none): after rows joined or left."""
     for i, c in enumerate(caches):
         c.steer = plans.get(i)
+    if caches:
+        caches[0].pre_steer = plans.get(EMBEDDING)
 
 
 def as_batch_row(caches: list) -> list:
