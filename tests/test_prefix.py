@@ -102,3 +102,21 @@ def test_fork_rows_copies_the_cache(tiny):
     again = tiny.model(mx.array([[7]]), cache=caches)[:, -1, :]
     np.testing.assert_allclose(np.array(out[0]), np.array(again[0]), atol=1e-5)
     assert logits.shape[0] == 1
+
+
+@pytest.mark.model
+def test_forked_rows_equal_rows_alone_on_smollm(smollm):
+    """A small layer sweep on the embedded model, steering the generated tokens: the
+    prompt is prefilled once for all rows, and every row equals its lone request."""
+    v = vec(smollm.hidden_size, 4, 1.0)
+    v *= 60.0 / np.linalg.norm(v)
+    prompt = "Tell me about your weekend."
+    rows = [(prompt, None)] + [(prompt, Steer(v, layer, 1.0, "generated"))
+                               for layer in (6, 14, 22)]
+    toks = [smollm.encode(p, chat=True) for p, _ in rows]
+    steers = [[] if s is None else [s] for _, s in rows]
+    assert prefix.plan(toks, steers)[0] == [prefix.Group((0, 1, 2, 3), len(toks[0]))]
+    batched = smollm.generate_batch_tokens(rows, max_tokens=6)
+    for (p, s), row in zip(rows, batched):
+        assert row.text == smollm.generate(p, s, max_tokens=6)
+    assert len({r.text for r in batched}) > 1  # the steering mattered
