@@ -421,3 +421,14 @@ def test_build(tmp_path):
     so = fastpath.build(tmp_path)
     assert so is not None and so.is_file() and so.parent == tmp_path
     assert fastpath.build(tmp_path) == so  # reused
+
+
+def test_status_names_what_make_preloads(monkeypatch, capsys, tmp_path):
+    """`--status` (run by `make setup`, itself not preloaded) says what `make app` / `make
+    test` will run with: here PyPI's OpenBLAS, with Debian's set aside."""
+    if fastpath.pypi_openblas() is None or fastpath.compiler() is None:
+        pytest.skip("needs scipy-openblas32 and a C compiler")
+    monkeypatch.setenv(fastpath.BLAS_ENV, "pypi")
+    assert fastpath._main(["--status", "--dest", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fast CPU path: OpenBLAS from PyPI (scipy-openblas32) + sgemv shim" in out

@@ -287,10 +287,21 @@ def describe() -> str:
         return ("fast CPU path: off (MLX's bundled reference BLAS; install Debian's "
                 "libopenblas0-pthread, or the scipy-openblas32 wheel, and start through "
                 "`make app`)")
-    blas = ("MKL (mkl wheel)" if have["mkl"] else "OpenBLAS from PyPI (scipy-openblas32)"
-            if have["pypi_openblas"] else "OpenBLAS")
-    return "fast CPU path: " + blas + (" + sgemv shim" if have["shim"] else "") + (
-        " + tcmalloc" if have["tcmalloc"] else "")
+    return _label(have["mkl"], have["pypi_openblas"], have["shim"], have["tcmalloc"])
+
+
+def _label(mkl_rt: bool, pypi_blas: bool, shim: bool, tc: bool) -> str:
+    blas = ("MKL (mkl wheel)" if mkl_rt else "OpenBLAS from PyPI (scipy-openblas32)"
+            if pypi_blas else "OpenBLAS")
+    return "fast CPU path: " + blas + (" + sgemv shim" if shim else "") + (
+        " + tcmalloc" if tc else "")
+
+
+def _planned(libs: list[Path]) -> str:
+    """What `describe()` will say in a process started with `libs` preloaded."""
+    names = " ".join(p.name for p in libs)
+    return _label("libmkl_rt" in names, "libscipy_openblas" in names, SHIM_NAME in names,
+                  "tcmalloc" in names)
 
 
 def _main(argv: list[str]) -> int:
@@ -309,6 +320,9 @@ def _main(argv: list[str]) -> int:
               f"pypi openblas: {pypi_openblas()}; mkl: {mkl()}; tcmalloc: {tcmalloc()}")
         print("LD_PRELOAD=" + ":".join(map(str, libs)))
         print(describe())
+        if libs and not active():  # e.g. `make setup`: what `make app` / `make test` get
+            print("with the LD_PRELOAD above (as `make app` and `make test` start Python): "
+                  + _planned(libs))
         return 0
     print(":".join(map(str, libs)))
     return 0
