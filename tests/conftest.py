@@ -27,8 +27,8 @@ def tiny(request):
     return tiny_lab(request.param)
 
 
-def pytest_report_header(config):
-    """Which fast CPU path this test run has (`make test` preloads it)."""
+def pytest_terminal_summary(terminalreporter):
+    """Which fast CPU path this test run had (`make test` preloads it); shown with -q too."""
     from mlx_steer import fastpath
 
-    return fastpath.describe()
+    terminalreporter.write_line(fastpath.describe())
