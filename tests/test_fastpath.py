@@ -429,6 +429,7 @@ def test_status_names_what_make_preloads(monkeypatch, capsys, tmp_path):
     if fastpath.pypi_openblas() is None or fastpath.compiler() is None:
         pytest.skip("needs scipy-openblas32 and a C compiler")
     monkeypatch.setenv(fastpath.BLAS_ENV, "pypi")
+    monkeypatch.setattr(fastpath, "active", lambda: False)  # as in `make setup`
     assert fastpath._main(["--status", "--dest", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fast CPU path: OpenBLAS from PyPI (scipy-openblas32) + sgemv shim" in out
