@@ -382,6 +382,9 @@ def build_parser() -> Parser:
     p.add_argument("--strength", type=_float, metavar="S",
                    help="relative strength for every concept (raw with --raw)")
     p.add_argument("--raw", action="store_true", help="--strength is a raw multiplier")
+    p.add_argument("--prompted", action="store_true",
+                   help="add each concept's prompting baseline (the prompt plus its style "
+                        "instruction, unsteered) and the expression score of every row")
     _sampling(p, max_tokens=40)
     p.set_defaults(func=cmd_eval)
     return parser
@@ -784,7 +787,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     obj = {"model": lab.name, "name": c.name, "layer": c.layer, "strength": c.strength,
            "raw_strength": c.relative_to_raw(c.layer, c.strength), "method": c.method,
            "read": c.read, "pairs": len(c.pairs), "saved": path,
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid")}
+           "layer_scores": c.extra.get("layer_scores"),
+           "calibration": c.extra.get("calibration"), "steers": c.extra.get("steers")}
     _emit(args, obj, lambda: (
         f"{c.name}: {len(c.pairs)} pairs, method {c.method}; recommended layer {c.layer}, "
         f"strength {_fmt(c.strength)} (relative)" + (f"\nsaved to {path}" if path else
@@ -855,7 +859,8 @@ def cmd_concepts_show(args: argparse.Namespace) -> int:
            "num_layers": c.num_layers, "hidden_size": c.hidden_size,
            "vector_norms": vn.tolist(), "residual_norms": c.norms.tolist(),
            "relative_norms": (vn / np.maximum(c.norms, 1e-12)).tolist(),
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid"),
+           "layer_scores": c.extra.get("layer_scores"),
+           "calibration": c.extra.get("calibration"), "steers": c.extra.get("steers"),
            "mix": c.extra.get("mix")}
 
     def text() -> str:
@@ -995,7 +1000,7 @@ def cmd_introspect(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import experiments as X
-    from .extract import neutral_prompts
+    from .prompts import neutral_prompts
     from .library import BUILTINS
 
     _check_raw(args)
@@ -1015,7 +1020,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     concepts = [_concept(lab, n, args) for n in names]
     with Bar(args, "eval", "token") as bar:
         rows = X.evaluate(lab, concepts, prompts, args.layer, args.strength,
-                          relative=not args.raw, **_run_kw(args, bar))
+                          relative=not args.raw, prompted=args.prompted,
+                          expression=args.prompted, **_run_kw(args, bar))
     summary = X.summarize(rows, by=("kind", "concept"))
     obj = {"model": lab.name, "prompts": prompts, "summary": summary, "rows": rows}
 
@@ -1024,7 +1030,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 ("sentiment_delta", "Δsent"), ("marker_rate_delta", "Δmark"),
                 ("perplexity", "ppl"), ("perplexity_delta", "Δppl"),
                 ("repetition_rate", "rep"), ("kl_divergence", "KL")]
-        srows = [dict(s, concept="baseline" if s["kind"] == "baseline" else s["concept"])
+        if args.prompted:
+            cols.insert(3, ("expression_delta", "Δexpr"))
+        srows = [dict(s, concept="baseline" if s["kind"] == "baseline" else
+                      f"{s['concept']} (prompted)" if s["kind"] == "prompted" else s["concept"])
                  for s in summary]
         return (f"{len(prompts)} prompts × {len(names)} concepts, {args.max_tokens} tokens, "
                 "steered minus baseline\n" + _table(srows, cols))

@@ -246,12 +246,14 @@ class Lab:
 
     def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
                  ) -> "Concept":
+        from .calibrate import CALIBRATION_VERSION
         from .errors import CorruptFileError
         from .library import Library, builtin_spec, spec_digest
 
         cache = Library(self.fingerprint, self.name, sub="builtin")
         spec = builtin_spec(name)
-        digest = spec_digest(spec)
+        # The calibration rule is part of what a cached built-in was made with.
+        digest = spec_digest({**spec, "calibration_version": CALIBRATION_VERSION})
         if name in cache:
             try:
                 c = cache.load(name)
@@ -262,7 +264,8 @@ class Lab:
         c = self.extract(name, spec["pairs"], method="mean", read="last",
                          chat=spec.get("template") == "chat", progress=progress,
                          category=spec.get("category", "builtin"),
-                         description=spec.get("description", ""))
+                         description=spec.get("description", ""),
+                         instruction=spec.get("instruction"))
         c.extra["spec_digest"] = digest
         c.extra["builtin"] = True
         cache.save(c)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from mlx_steer import Concept, Steer, errors
-from mlx_steer import extract as extract_mod
 from mlx_steer.library import BUILTINS, Library, builtin_spec, validate_name
 from tiny import tiny_lab
 
@@ -97,12 +96,15 @@ def test_extraction_is_deterministic(lab):
 
 
 def test_recommended_defaults_are_measured(lab):
+    from mlx_steer import calibrate
+
     c = lab.extract("joy", PAIRS)
     lo, hi = round(0.3 * lab.num_layers), round(0.7 * lab.num_layers)
-    assert lo <= c.layer <= max(hi, lo + 1)
-    assert c.strength in extract_mod.ALPHA_GRID
-    kls = list(c.extra["kl_grid"].values())
-    assert kls == sorted(kls) or max(kls) > 0  # measured, not constant
+    assert lo <= c.extra["fisher_layer"] <= max(hi, lo + 1)
+    grid = c.extra["calibration"]["grid"]
+    assert (c.layer, c.strength) in [(g["layer"], g["strength"]) for g in grid]
+    assert c.strength in calibrate.ALPHAS
+    assert len({g["ppl_ratio"] for g in grid}) > 1  # measured, not constant
     s = c.steer()
     assert s.layer == c.layer
     assert np.isclose(np.linalg.norm(s.delta), c.strength * c.norms[c.layer], rtol=1e-5)
