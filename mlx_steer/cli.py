@@ -873,6 +873,16 @@ def cmd_concepts_show(args: argparse.Namespace) -> int:
             lines.append("markers: " + ", ".join(obj["markers"]))
         if obj["eval"]:
             lines.append(f"evaluation: {obj['eval']}")
+        if obj["calibration"]:
+            cal = obj["calibration"]
+            said = "expresses the concept" if obj["steers"] else "not steering"
+            lines.append(f"calibration ({said}; instruction: {cal['instruction']}):")
+            lines.append(_table(cal["grid"], [("layer", "layer"), ("strength", "α"),
+                                              ("expression", "expression"),
+                                              ("projection", "projection"),
+                                              ("ppl_ratio", "ppl ×"),
+                                              ("distinct2_ratio", "distinct-2 ×"),
+                                              ("coherent", "coherent")]))
         rows = [{"layer": i, "vector": float(vn[i]), "residual": float(c.norms[i]),
                  "ratio": float(obj["relative_norms"][i]),
                  "score": (obj["layer_scores"] or [None] * c.num_layers)[i]}

@@ -170,7 +170,7 @@ def _fmt_ci(t: tuple[float, float, float], digits: int = 3) -> str:
     return f"{t[0]:+.{digits}f} [{t[1]:+.{digits}f}, {t[2]:+.{digits}f}]"
 
 
-def report(lab, results: list[dict], args, seconds: float) -> str:
+def report(lab, results: list[dict], args, seconds: float, merged: list[str] = ()) -> str:
     metric_names = {"sentiment": "VADER", "markers": "marker rate", "length": "words"}
     cmd = "python scripts/eval_concepts.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in
@@ -219,11 +219,20 @@ def report(lab, results: list[dict], args, seconds: float) -> str:
                   f"sad {s['sentiment']:+.3f}, unsteered {base:+.3f}; happy − sad = "
                   f"{h['sentiment'] - s['sentiment']:+.3f}; perplexity × {h['ppl_ratio']:.2f} "
                   f"(happy), {s['ppl_ratio']:.2f} (sad).", ""]
+    if (CONTROL, "mean") in by:
+        r = by[(CONTROL, "mean")]
+        lines += [f"Control ({CONTROL}: random directions norm-matched to happy, calibrated "
+                  f"with happy's instruction, judged by VADER): calibration reports it as "
+                  f"{'expressing the concept' if r['calibration_steers'] else 'not steering'}; "
+                  f"at its default its verdict is {r['steered']['verdict']}.", ""]
     fails = [r for r in results if r["method"] == "mean" and r["concept"] != CONTROL
              and r["steered"]["verdict"] != "steers"]
     if fails:
         lines += ["Not steering at defaults: " + ", ".join(
             f"{r['concept']} ({r['steered']['verdict']})" for r in fails) + ".", ""]
+    if merged:
+        lines += [f"Rows of {', '.join(merged)} come from an earlier run of the same command "
+                  f"(`--merge`); the others were rerun after a change to their data.", ""]
     lines += [f"Total time {seconds:.0f} s (calibration included when not cached)."]
     return "\n".join(lines) + "\n"
 
@@ -239,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", default="docs/CONCEPTS_EVAL.md")
     ap.add_argument("--json", default=None, help="also write every record here")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="keep the results of an earlier --json run for the concepts this run "
+                         "does not evaluate (the report lists them)")
     ap.add_argument("--group", type=int, default=6,
                     help="concepts per batched decode (they share the unsteered rows)")
     args = ap.parse_args(argv)
@@ -275,7 +287,17 @@ def main(argv: list[str] | None = None) -> int:
             "example": steered[0]["text"]})
     records = [{**r, "method": jobs[r["job"]][1] if r.get("job") is not None else None}
                for r in recs]
-    text = report(lab, results, args, time.time() - t0)
+    kept = []
+    if args.merge:
+        done = {(r["concept"], r["method"]) for r in results}
+        kept = [r for r in json.loads(Path(args.merge).read_text())["results"]
+                if (r["concept"], r["method"]) not in done]
+        order = {n: i for i, n in enumerate(list(BUILTINS) + [CONTROL])}
+        results = sorted(results + kept, key=lambda r: (methods.index(r["method"])
+                                                        if r["method"] in methods else 99,
+                                                        order.get(r["concept"], 99)))
+    text = report(lab, results, args, time.time() - t0,
+                  merged=sorted({r["concept"] for r in kept}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     if args.json:
