@@ -59,10 +59,22 @@ DISTINCT_MIN = 0.8
 CONTROL = "random"
 RULE = (f"**steers**: the concept's metric moved the right way with a bootstrap 95% interval "
         f"of the mean paired change (steered − unsteered, same prompt) above 0 — for style "
-        f"concepts (marker words) the marker rate *or* the expression score — and the text "
-        f"stays coherent: perplexity ≤ {PPL_MAX:g}× and distinct-2 ≥ {DISTINCT_MIN:g}× the "
-        f"unsteered rows'. **steers, but degrades text**: it moved, coherence failed. "
-        f"**no clear effect**: the interval includes no change (or the wrong way).")
+        f"concepts (marker words) the marker rate *or* the expression score — AND the "
+        f"expression score's interval is above 0 too (the text reads more like the concept "
+        f"to the model told to write in that way; without this a random direction can pass "
+        f"on VADER alone, see the control), and the text stays coherent: perplexity ≤ "
+        f"{PPL_MAX:g}× and distinct-2 ≥ {DISTINCT_MIN:g}× the unsteered rows'. **steers, but "
+        f"degrades text**: it moved, coherence failed. **no clear effect**: an interval "
+        f"includes no change (or the wrong way).")
+
+
+def verdict(kind: str, s: dict) -> str:
+    """The verdict of one summary by `RULE`."""
+    expressed = s["expression"][1] > 0
+    moved = expressed and (s["delta"][1] > 0 or kind == "markers")
+    coherent = s["ppl_ratio"] <= PPL_MAX and s["distinct2_ratio"] >= DISTINCT_MIN
+    return ("steers" if moved and coherent else
+            "steers, but degrades text" if moved else "no clear effect")
 
 
 # ---- methods: name → how to get the concept (add a row kind by adding an entry) ----------
@@ -132,10 +144,7 @@ def summarise(rule: dict, rows: list[dict], base: dict[str, dict]) -> dict:
            "distinct2_ratio": float(np.mean([r["distinct_2"] for r in rows])
                                     / max(np.mean([x["distinct_2"] for x in b]), 1e-9)),
            "sentiment": float(np.mean([r["sentiment"] for r in rows]))}
-    moved = out["delta"][1] > 0 or (rule["kind"] == "markers" and out["expression"][1] > 0)
-    coherent = out["ppl_ratio"] <= PPL_MAX and out["distinct2_ratio"] >= DISTINCT_MIN
-    out["verdict"] = ("steers" if moved and coherent else
-                      "steers, but degrades text" if moved else "no clear effect")
+    out["verdict"] = verdict(rule["kind"], out)
     return out
 
 
@@ -170,17 +179,22 @@ def _fmt_ci(t: tuple[float, float, float], digits: int = 3) -> str:
     return f"{t[0]:+.{digits}f} [{t[1]:+.{digits}f}, {t[2]:+.{digits}f}]"
 
 
-def report(lab, results: list[dict], args, seconds: float, merged: list[str] = ()) -> str:
+def report(model: str, results: list[dict], args, seconds: float,
+           merged: list[str] = ()) -> str:
     metric_names = {"sentiment": "VADER", "markers": "marker rate", "length": "words"}
     cmd = "python scripts/eval_concepts.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in
         (("methods", args.methods), ("prompts", args.prompts), ("max_tokens", args.max_tokens))
     ) + (f" --model {args.model}" if args.model else "")
+    for r in results:  # the current rule, also for results read back with --from-json
+        for k in ("steered", "prompted"):
+            if r.get(k):
+                r[k]["verdict"] = verdict(r["kind"], r[k])
     n_steer = sum(r["steered"]["verdict"] == "steers" for r in results
                   if r["method"] == "mean" and r["concept"] != CONTROL)
     n_all = sum(r["method"] == "mean" and r["concept"] != CONTROL for r in results)
     lines = [
-        f"# Built-in concepts on {lab.name}",
+        f"# Built-in concepts on {model}",
         "",
         f"Command: `{cmd}`. Greedy decoding, {args.prompts} evaluation prompts (none is a "
         f"calibration prompt), at most {args.max_tokens} tokens. Each concept at its default "
@@ -251,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", default=None, metavar="JSON",
                     help="keep the results of an earlier --json run for the concepts this run "
                          "does not evaluate (the report lists them)")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="only render the report from an earlier --json run's results")
     ap.add_argument("--group", type=int, default=6,
                     help="concepts per batched decode (they share the unsteered rows)")
     args = ap.parse_args(argv)
@@ -261,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.concepts.split(",") if n.strip()]
 
     t0 = time.time()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        text = report(saved.get("model", "smollm2-135m"), saved["results"], args,
+                      saved.get("seconds", float("nan")))
+        Path(args.out).write_text(text)
+        print(text)
+        return 0
     lab = mlx_steer.load(args.model)
     prompts = prompt_set("evaluation", args.prompts)
     results, records = [], []
@@ -296,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         results = sorted(results + kept, key=lambda r: (methods.index(r["method"])
                                                         if r["method"] in methods else 99,
                                                         order.get(r["concept"], 99)))
-    text = report(lab, results, args, time.time() - t0,
+    seconds = time.time() - t0
+    text = report(lab.name, results, args, seconds,
                   merged=sorted({r["concept"] for r in kept}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "records": records},
+        Path(args.json).write_text(json.dumps({"model": lab.name, "seconds": seconds,
+                                               "results": results, "records": records},
                                               indent=1, default=str))
     print(text)
     return 0
