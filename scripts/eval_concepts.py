@@ -90,7 +90,16 @@ def _pca(lab, name: str) -> Concept:
                        category=spec.get("category", "builtin"))
 
 
-METHODS: dict[str, Callable] = {"mean": _builtin, "pca": _pca}
+def _mean_chat(lab, name: str) -> Concept:
+    """The built-in's pairs read through the chat template (each text as a user turn,
+    read at the assistant's first position) instead of as raw text."""
+    spec = builtin_spec(name)
+    return lab.extract(name, spec["pairs"], method="mean", read="last", chat=True,
+                       instruction=spec.get("instruction"),
+                       category=spec.get("category", "builtin"))
+
+
+METHODS: dict[str, Callable] = {"mean": _builtin, "pca": _pca, "mean-chat": _mean_chat}
 
 
 def random_control(lab) -> Concept:
