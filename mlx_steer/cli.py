@@ -449,7 +449,7 @@ def _concept(lab, name: str, args: argparse.Namespace):
 
     name = validate_name(name)
     if name in lab.builtins() and name not in lab.library:
-        with Bar(args, f"extracting {name}", "text") as bar:
+        with Bar(args, f"extracting and calibrating {name}", "‰") as bar:
             return lab._builtin(name, progress=bar)
     return lab.concept(name)
 
@@ -780,7 +780,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not args.no_save and not args.force and name in lab.library:
         raise InvalidArgumentError(
             f"a concept {name!r} is already saved for this model; give --force to replace it")
-    with Bar(args, f"extracting {name}", "text") as bar:
+    with Bar(args, f"extracting and calibrating {name}", "‰") as bar:
         c = lab.extract(name, pairs, method=args.method, read=args.read, chat=args.chat,
                         progress=bar, description=args.description)
     path = None if args.no_save else lab.save_concept(c)

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .concept import Concept
-from .errors import InvalidArgumentError
 from .calibrate import apply as apply_calibration
 from .calibrate import calibrate as calibrate_concept
+from .concept import Concept
+from .errors import InvalidArgumentError
 from .metrics import massive_positions
 from .prompts import neutral_prompts
 
