@@ -221,6 +221,34 @@ def progress_callback(bar, text: str):
     return cb
 
 
+def calibration_view(concept: mlx_steer.Concept, key: str) -> None:
+    """The calibration grid a concept's defaults were chosen from, as a chart and a caption."""
+    from mlx_steer import charts
+
+    cal = concept.extra.get("calibration")
+    if not cal:
+        st.caption("No calibration recorded: the defaults are the separation block at "
+                   f"α = {concept.strength:g}.")
+        return
+    recs = [{"α": g["strength"], "expression (nats/token)": g["expression"],
+             "block": g["layer"], "coherent": g["coherent"],
+             "perplexity ×": g["ppl_ratio"], "distinct-2 ×": g["distinct2_ratio"]}
+            for g in cal["grid"]]
+    st.session_state[key + "_records"] = recs
+    chart(charts.metric_chart(recs, "α", "expression (nats/token)", color="block",
+                              baseline=0.0), key=key + "_chart")
+    verdict = ("expresses the concept" if concept.extra.get("steers") else
+               "**no candidate both expressed the concept and kept the text coherent** "
+               "(reported as not steering)")
+    st.caption(
+        f"How the defaults were chosen: greedy continuations of {len(cal['prompts'])} "
+        f"calibration prompts at every block × α above, scored under the unsteered model. "
+        f"Expression: how much more likely the text becomes when the prompt says "
+        f"“{cal['instruction']}”. The default (block {concept.layer}, α = "
+        f"{concept.strength:g}) is the most expressive candidate that stays coherent "
+        f"(perplexity ≤ 1.5× and distinct-2 ≥ 0.85× the unsteered text); it {verdict}.")
+
+
 def chart(c: alt.TopLevelMixin, key: str | None = None, **kw):
     return st.altair_chart(c, width="stretch", key=key, **kw)
 

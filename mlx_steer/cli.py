@@ -436,6 +436,9 @@ def build_parser() -> Parser:
     p.add_argument("--strength", type=_float, metavar="S",
                    help="relative strength for every concept (raw with --raw)")
     p.add_argument("--raw", action="store_true", help="--strength is a raw multiplier")
+    p.add_argument("--prompted", action="store_true",
+                   help="add each concept's prompting baseline (the prompt plus its style "
+                        "instruction, unsteered) and the expression score of every row")
     _sampling(p, max_tokens=40)
     p.set_defaults(func=cmd_eval)
 
@@ -517,7 +520,7 @@ def _concept(lab, name: str, args: argparse.Namespace):
 
     name = validate_name(name)
     if name in lab.builtins() and name not in lab.library:
-        with Bar(args, f"extracting {name}", "text") as bar:
+        with Bar(args, f"extracting and calibrating {name}", "‰") as bar:
             return lab._builtin(name, progress=bar)
     return lab.concept(name)
 
@@ -856,7 +859,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not args.no_save and not args.force and name in lab.library:
         raise InvalidArgumentError(
             f"a concept {name!r} is already saved for this model; give --force to replace it")
-    with Bar(args, f"extracting {name}", "text") as bar:
+    with Bar(args, f"extracting and calibrating {name}", "‰") as bar:
         if args.layer is not None:
             lab_layer(lab, args.layer)
         c = lab.extract(name, pairs, method=args.method, read=args.read, chat=args.chat,
@@ -866,7 +869,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     obj = {"model": lab.name, "name": c.name, "layer": c.layer, "strength": c.strength,
            "raw_strength": c.relative_to_raw(c.layer, c.strength), "method": c.method,
            "read": c.read, "pairs": len(c.pairs), "saved": path,
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid"),
+           "layer_scores": c.extra.get("layer_scores"),
+           "calibration": c.extra.get("calibration"), "steers": c.extra.get("steers"),
            "trained": c.extra.get("trained")}
     _emit(args, obj, lambda: (
         f"{c.name}: {len(c.pairs)} pairs, method {c.method}; recommended layer {c.layer}, "
@@ -977,7 +981,8 @@ def cmd_concepts_show(args: argparse.Namespace) -> int:
            "num_layers": c.num_layers, "hidden_size": c.hidden_size,
            "vector_norms": vn.tolist(), "residual_norms": c.norms.tolist(),
            "relative_norms": (vn / np.maximum(c.norms, 1e-12)).tolist(),
-           "layer_scores": c.extra.get("layer_scores"), "kl_grid": c.extra.get("kl_grid"),
+           "layer_scores": c.extra.get("layer_scores"),
+           "calibration": c.extra.get("calibration"), "steers": c.extra.get("steers"),
            "mix": c.extra.get("mix")}
 
     def text() -> str:
@@ -990,6 +995,16 @@ def cmd_concepts_show(args: argparse.Namespace) -> int:
             lines.append("markers: " + ", ".join(obj["markers"]))
         if obj["eval"]:
             lines.append(f"evaluation: {obj['eval']}")
+        if obj["calibration"]:
+            cal = obj["calibration"]
+            said = "expresses the concept" if obj["steers"] else "not steering"
+            lines.append(f"calibration ({said}; instruction: {cal['instruction']}):")
+            lines.append(_table(cal["grid"], [("layer", "layer"), ("strength", "α"),
+                                              ("expression", "expression"),
+                                              ("projection", "projection"),
+                                              ("ppl_ratio", "ppl ×"),
+                                              ("distinct2_ratio", "distinct-2 ×"),
+                                              ("coherent", "coherent")]))
         rows = [{"layer": i, "vector": float(vn[i]), "residual": float(c.norms[i]),
                  "ratio": float(obj["relative_norms"][i]),
                  "score": (obj["layer_scores"] or [None] * c.num_layers)[i]}
@@ -1117,7 +1132,7 @@ def cmd_introspect(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import experiments as X
-    from .extract import neutral_prompts
+    from .prompts import neutral_prompts
     from .library import BUILTINS
 
     _check_raw(args)
@@ -1137,7 +1152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     concepts = [_concept(lab, n, args) for n in names]
     with Bar(args, "eval", "token") as bar:
         rows = X.evaluate(lab, concepts, prompts, args.layer, args.strength,
-                          relative=not args.raw, **_run_kw(args, bar))
+                          relative=not args.raw, prompted=args.prompted,
+                          expression=args.prompted, **_run_kw(args, bar))
     summary = X.summarize(rows, by=("kind", "concept"))
     obj = {"model": lab.name, "prompts": prompts, "summary": summary, "rows": rows}
 
@@ -1146,7 +1162,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 ("sentiment_delta", "Δsent"), ("marker_rate_delta", "Δmark"),
                 ("perplexity", "ppl"), ("perplexity_delta", "Δppl"),
                 ("repetition_rate", "rep"), ("kl_divergence", "KL")]
-        srows = [dict(s, concept="baseline" if s["kind"] == "baseline" else s["concept"])
+        if args.prompted:
+            cols.insert(3, ("expression_delta", "Δexpr"))
+        srows = [dict(s, concept="baseline" if s["kind"] == "baseline" else
+                      f"{s['concept']} (prompted)" if s["kind"] == "prompted" else s["concept"])
                  for s in summary]
         return (f"{len(prompts)} prompts × {len(names)} concepts, {args.max_tokens} tokens, "
                 "steered minus baseline\n" + _table(srows, cols))

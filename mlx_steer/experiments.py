@@ -12,7 +12,7 @@ hands them to :func:`run`, which
 Record fields (always present; a metric that cannot be computed is ``None``):
 
 - ``row``, ``kind`` ("baseline", "compare", "layer", "strength", "mix",
-  "component", "eval"), ``is_baseline``, ``prompt``, ``concept``, ``layer``,
+  "component", "eval", "prompted", "calibration"), ``is_baseline``, ``prompt``, ``concept``, ``layer``,
   ``strength`` (relative: ‖raw·v‖ / median residual norm at the layer), ``raw_strength`` (multiplier of the layer's raw vector),
   ``positions``, ``text``, ``n_tokens``, ``finish_reason``, ``seed``,
   ``temperature``;
@@ -31,6 +31,14 @@ Record fields (always present; a metric that cannot be computed is ``None``):
   the baseline row of that prompt, unsteered; ``text_projection``: the row's
   own text through the unsteered model (does the text itself carry the
   concept, independent of the injection?);
+- ``expression`` (with ``run(..., expression=True)``): how much more likely the
+  row's text becomes under the unsteered model when the prompt carries the
+  concept's style instruction, in nats per generated token (mean log p(text |
+  prompt + instruction) − mean log p(text | prompt)); concept-agnostic, no
+  judge model; ``expression_baseline``: the same for the baseline row's text;
+- ``instruction``: set on a prompted row (kind "prompted", the prompting
+  baseline: the prompt plus the concept's instruction, unsteered; its
+  perplexity and expression are taken against the plain prompt like any row);
 - ``eval_kind`` and ``concept_score``: the concept's own evaluation (spec's
   ``eval``): direction × sentiment, marker rate, or word count × direction.
 """
@@ -49,6 +57,7 @@ from . import distributed
 from . import metrics as M
 from .concept import Concept
 from .errors import InvalidArgumentError
+from .prompts import default_instruction, neutral_prompts, with_instruction
 from .steer import Positions, Steer, as_steers
 
 if TYPE_CHECKING:
@@ -64,7 +73,7 @@ LOGITS_BUDGET = 1 << 26  # ... and at most this many logits in one pass (256 MB 
 METRIC_FIELDS = ("sentiment", "marker_rate", "marker_rate_baseline", "perplexity",
                  "repetition_rate", "distinct_2", "words", "kl_divergence", "projection",
                  "projection_baseline", "text_projection", "concept_score",
-                 "concept_score_baseline")
+                 "concept_score_baseline", "expression", "expression_baseline")
 
 
 @dataclass
@@ -82,10 +91,16 @@ class Variant:
     label: str = ""
     extra: dict = field(default_factory=dict)
     markers: list[str] | None = None  # default: the concept's markers
+    instruction: str = ""  # a prompted row: sent as `prompt` + instruction, unsteered
 
     @property
     def is_baseline(self) -> bool:
-        return all(s.is_noop for s in self.steers)
+        return not self.instruction and all(s.is_noop for s in self.steers)
+
+    @property
+    def sent_prompt(self) -> str:
+        """What the model is given (the prompt, plus the instruction of a prompted row)."""
+        return with_instruction(self.prompt, self.instruction)
 
 
 # ---- concept helpers ------------------------------------------------------------
@@ -122,6 +137,19 @@ def concept_markers(concept: Concept | None) -> list[str]:
             if m not in out:
                 out.append(m)
     return out
+
+
+def concept_instruction(concept: Concept | None) -> str:
+    """The concept's style instruction ("Answer in a happy tone."): `extra["instruction"]`,
+    its built-in spec's, else one made from its name."""
+    if concept is None:
+        return ""
+    if concept.extra.get("instruction"):
+        return str(concept.extra["instruction"])
+    spec = _spec(concept.name)
+    if spec is not None and spec.get("instruction"):
+        return str(spec["instruction"])
+    return default_instruction(concept.name)
 
 
 def concept_eval(concept: Concept | None) -> dict | None:
@@ -191,6 +219,17 @@ def steered_variant(prompt: str, concept: Concept, layer: int | None = None,
                    label or f"{name} L{steer.layer} α{rel:.3g}", extra={"op": op})
 
 
+def prompted_variant(prompt: str, concept: Concept, instruction: str | None = None,
+                     label: str = "") -> Variant:
+    """The prompting baseline: the same prompt with the concept's style instruction
+    (default: :func:`concept_instruction`), unsteered. Scored against the plain prompt."""
+    instruction = concept_instruction(concept) if instruction is None else instruction
+    if not instruction.strip():
+        raise InvalidArgumentError("a prompted row needs a non-empty instruction")
+    return Variant(prompt, [], "prompted", concept, concept.layer, 0.0, 0.0,
+                   label=label or f"{concept.name} (prompted)", instruction=instruction)
+
+
 def _prompts(prompt: str | Sequence[str]) -> list[str]:
     ps = [prompt] if isinstance(prompt, str) else list(prompt)
     if not ps:
@@ -210,7 +249,7 @@ def default_layers(num_layers: int, include: int | None = None) -> list[int]:
 
 
 @dataclass
-class _Entry:
+class ScoreEntry:
     """One sequence of a teacher-forced scoring pass."""
 
     tokens: list[int]
@@ -227,10 +266,10 @@ def _unit(v: np.ndarray) -> np.ndarray | None:
     return None if n == 0 or not math.isfinite(n) else (np.asarray(v, np.float64) / n)
 
 
-def _chunks(entries: Sequence[_Entry], batch: int, vocab: int) -> list[list[_Entry]]:
+def _chunks(entries: Sequence[ScoreEntry], batch: int, vocab: int) -> list[list[ScoreEntry]]:
     """Consecutive groups of at most `batch` sequences and ~LOGITS_BUDGET logits."""
-    out: list[list[_Entry]] = []
-    cur: list[_Entry] = []
+    out: list[list[ScoreEntry]] = []
+    cur: list[ScoreEntry] = []
     for e in entries:
         width = max([len(x.tokens) for x in cur] + [len(e.tokens)])
         if cur and (len(cur) >= batch or (len(cur) + 1) * width * vocab > LOGITS_BUDGET):
@@ -242,7 +281,7 @@ def _chunks(entries: Sequence[_Entry], batch: int, vocab: int) -> list[list[_Ent
     return out
 
 
-def score_passes(lab: "Lab", entries: Sequence[_Entry], batch: int = METRIC_BATCH,
+def score_passes(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_BATCH,
                  progress: Callable[[], None] | None = None) -> None:
     """Teacher-forced forward passes, up to `batch` sequences at a time (left-padded;
     fewer when their logits would exceed `LOGITS_BUDGET` elements).
@@ -319,7 +358,7 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
         chat: bool = True, baselines: bool = True, score: bool = True,
         markers: Sequence[str] | None = None, progress: Progress | None = None,
         metric_batch: int = METRIC_BATCH, group=None,
-        timeout: float | None = None) -> list[Record]:
+        timeout: float | None = None, expression: bool = False) -> list[Record]:
     """Generate every variant as a row of one batched decode and score each row.
 
     Args:
@@ -335,6 +374,8 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
             to) as one batch, and every rank returns all the records, equal to a
             single-process run. A failing rank makes every rank raise.
         timeout: seconds a rank waits for the others (see `distributed.timeout_s`).
+        expression: also score each concept row's expression (see the module notes;
+            one more teacher-forced sequence per row and per baseline).
 
     Scoring: every row's prompt + generated tokens go through the unsteered
     model once (perplexity, text_projection), in left-padded batches of
@@ -351,7 +392,7 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
         variants = with_baselines(variants)
     kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, top_p=top_p,
               chat=chat, score=score, markers=markers, progress=progress,
-              metric_batch=metric_batch)
+              metric_batch=metric_batch, expression=expression)
     if distributed.size(group) > 1:
         if lab.group is not None:
             raise InvalidArgumentError(
@@ -385,7 +426,7 @@ def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | Non
                 **kw) -> list[Record]:
     """This rank's share of the rows, gathered with every other rank's (see `run`)."""
     for v in variants:  # a bad row raises its typed error on every rank, before any work
-        lab._check(lab.encode(v.prompt, kw["chat"]), v.steers, kw["max_tokens"])
+        lab._check(lab.encode(v.sent_prompt, kw["chat"]), v.steers, kw["max_tokens"])
     own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
 
     def mine() -> list[Record]:
@@ -406,13 +447,15 @@ def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | Non
 def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperature: float,
              seed: int | None, top_p: float, chat: bool, score: bool,
              markers: Sequence[str] | None, progress: Progress | None,
-             metric_batch: int) -> list[Record]:
+             metric_batch: int, expression: bool = False) -> list[Record]:
     """One record per variant (in order; baselines already added), before `tidy`."""
     n_scores = 0
     if score:
         n_rows = len(variants) + sum(
             not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
             for v in variants)
+        if expression:
+            n_rows += 2 * sum(v.concept is not None for v in variants)
         n_scores = math.ceil(n_rows / metric_batch)
     total = max_tokens + n_scores
     done = [0]
@@ -422,7 +465,7 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
         if progress:
             progress(step, total)
 
-    results = lab.generate_batch_tokens([(v.prompt, v.steers) for v in variants],
+    results = lab.generate_batch_tokens([(v.sent_prompt, v.steers) for v in variants],
                                         max_tokens=max_tokens, temperature=temperature,
                                         seed=seed, chat=chat, top_p=top_p,
                                         progress=gen_progress)
@@ -455,6 +498,8 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
             "projection_baseline": None, "text_projection": None,
             "marker_rate_baseline": btm["marker_rate"] if btm else None,
             "eval_kind": None, "concept_score": None, "concept_score_baseline": None,
+            "instruction": v.instruction or None, "expression": None,
+            "expression_baseline": None,
         }
         rule = concept_eval(v.concept)
         if rule:
@@ -467,7 +512,7 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
 
     if score:
         _score(lab, variants, results, records, base_of, chat, metric_batch,
-               (lambda: _tick(done, total, progress)))
+               (lambda: _tick(done, total, progress)), expression)
         if progress:
             progress(total, total)
     return records
@@ -500,18 +545,19 @@ def _added_projection(steers: Sequence[Steer], layer: int, unit: np.ndarray, pro
     return float(total.mean())
 
 
-def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -> None:
-    unsteered: dict[int, _Entry] = {}
-    entries: list[_Entry] = []
+def _score(lab, variants, results, records, base_of, chat, metric_batch, tick,
+           expression: bool = False) -> None:
+    unsteered: dict[int, ScoreEntry] = {}
+    entries: list[ScoreEntry] = []
     prompt_toks = {p: lab.encode(p, chat) for p in {v.prompt for v in variants}}
     for i, (v, r) in enumerate(zip(variants, results)):
         if not r.tokens:
             continue
         toks = prompt_toks[v.prompt]
-        e = _Entry(toks + r.tokens, len(toks), [], len(r.tokens), nll=True)
+        e = ScoreEntry(toks + r.tokens, len(toks), [], len(r.tokens), nll=True)
         unsteered[i] = e
         entries.append(e)
-    steered: dict[int, _Entry] = {}
+    steered: dict[int, ScoreEntry] = {}
     added: dict[int, float] = {}
     for i, v in enumerate(variants):
         if i not in unsteered:
@@ -528,13 +574,29 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
             elif not _needs_steered_pass(v):
                 added[i] = _added_projection(v.steers, v.layer, unit, ue.prompt_len, ue.n_gen)
             else:
-                se = _Entry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
+                se = ScoreEntry(ue.tokens, ue.prompt_len, list(v.steers), ue.n_gen, nll=False,
                             probes=[(v.layer, unit, key)])
                 steered[i] = se
                 entries.append(se)
             b = base_of.get(v.prompt)
             if b is not None and b in unsteered and b != i:
                 unsteered[b].probes.append((v.layer, unit, "base_" + key))
+    # Expression: the row's text (and its prompt's baseline text) under the unsteered
+    # model told to write in the concept's way, against the plain prompt.
+    instructed: dict[tuple[int, str], ScoreEntry] = {}
+    if expression:
+        for i, v in enumerate(variants):
+            if i not in unsteered or v.concept is None:
+                continue
+            instr = v.instruction or concept_instruction(v.concept)
+            b = base_of.get(v.prompt)
+            for j in {i} | ({b} if b is not None and b in unsteered else set()):
+                if (j, instr) not in instructed:
+                    toks = lab.encode(with_instruction(variants[j].prompt, instr), chat)
+                    src = unsteered[j]
+                    instructed[(j, instr)] = e = ScoreEntry(
+                        toks + src.tokens[src.prompt_len:], len(toks), [], src.n_gen, nll=True)
+                    entries.append(e)
     for e in entries:
         e.steers = lab._check(e.tokens, e.steers)
     # Group similar lengths together: less padding per pass.
@@ -552,6 +614,12 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
         if b is not None and b in unsteered:
             rec["projection_baseline"] = (unsteered[b].out.get("base_" + key)
                                           if b != i else ue.out.get(key))
+        if expression and variants[i].concept is not None:
+            instr = variants[i].instruction or concept_instruction(variants[i].concept)
+            rec["expression"] = ue.out["nll"] - instructed[(i, instr)].out["nll"]
+            if b is not None and (b, instr) in instructed:
+                rec["expression_baseline"] = (unsteered[b].out["nll"]
+                                              - instructed[(b, instr)].out["nll"])
 
 
 # ---- experiments ------------------------------------------------------------------------
@@ -560,12 +628,16 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick) -
 def compare(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike,
             layer: int | None = None, strength: float | None = None, *,
             relative: bool = True, positions: Positions = "all", op: str = "add",
-            **run_kw) -> list[Record]:
-    """Baseline and steered rows for each prompt, one batch (2 rows per prompt)."""
+            prompted: bool = False, **run_kw) -> list[Record]:
+    """Baseline and steered rows for each prompt, one batch (2 rows per prompt; with
+    `prompted`, a third: the prompting baseline, see :func:`prompted_variant`)."""
     c = resolve(lab, concept)
-    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="compare",
-                            op=op)
-            for p in _prompts(prompt)]
+    rows = []
+    for p in _prompts(prompt):
+        rows.append(steered_variant(p, c, layer, strength, relative, positions,
+                                    kind="compare", op=op))
+        if prompted:
+            rows.append(prompted_variant(p, c))
     return run(lab, rows, **run_kw)
 
 
@@ -739,18 +811,21 @@ def mix(lab: "Lab", prompt: str | Sequence[str],
 def evaluate(lab: "Lab", concepts: Sequence[ConceptLike] | ConceptLike,
              prompts: Sequence[str] | None = None, layer: int | None = None,
              strength: float | None = None, *, relative: bool = True,
-             positions: Positions = "all", **run_kw) -> list[Record]:
+             positions: Positions = "all", prompted: bool = False,
+             **run_kw) -> list[Record]:
     """Each concept at its recommended (or the given) layer and strength on several
-    prompts (default: 4 neutral ones), next to shared baseline rows, in one batch.
+    prompts (default: 4 neutral ones), next to shared baseline rows, in one batch;
+    with `prompted`, also each concept's prompting baseline (kind "prompted").
     Summarise with :func:`summarize`."""
-    from .extract import neutral_prompts
-
     cs = [concepts] if isinstance(concepts, (Concept, str)) else list(concepts)
     if not cs:
         raise InvalidArgumentError("give at least one concept")
     ps = list(prompts) if prompts else neutral_prompts(4)
-    rows = [steered_variant(p, resolve(lab, c), layer, strength, relative, positions,
-                            kind="eval") for c in cs for p in ps]
+    resolved = [resolve(lab, c) for c in cs]
+    rows = [steered_variant(p, c, layer, strength, relative, positions, kind="eval")
+            for c in resolved for p in ps]
+    if prompted:
+        rows += [prompted_variant(p, c) for c in resolved for p in ps]
     return run(lab, rows, **run_kw)
 
 
@@ -785,7 +860,7 @@ def summarize(records: Sequence[Record],
             for f in ("sentiment", "perplexity", "repetition_rate"):
                 b0 = mean(brows, f)
                 s[f + "_delta"] = None if s[f] is None or b0 is None else s[f] - b0
-            for f in ("marker_rate", "projection", "concept_score"):
+            for f in ("marker_rate", "projection", "concept_score", "expression"):
                 b0 = mean([{"x": r.get(f + "_baseline")} for r in rows], "x")
                 s[f + "_delta"] = None if s[f] is None or b0 is None else s[f] - b0
         out.append(s)

@@ -4,39 +4,34 @@ Recommended defaults (documented rule):
 - layer: among blocks 0.3·L … 0.7·L, the one where the pooled activations of
   the positive and negative texts separate best along the concept direction
   (Fisher score: gap of the class means over the pooled standard deviation);
-- strength: the largest relative strength on a grid whose next-token KL
-  divergence from the unsteered model, averaged over neutral chat prompts,
-  stays within `KL_TARGET` nats — strong enough to show, weak enough to stay
-  fluent (science notes: α_rel 0.1–0.5 is the useful band; KL > 2 nats breaks text).
+- then `calibrate.calibrate` chooses the default block and strength from the
+  text the model writes over a (block × α_rel) grid (see that module): the most
+  expressive candidate that keeps the text coherent. The Fisher layer is kept
+  as `extra["fisher_layer"]` and is the default when calibration is skipped.
 """
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from . import train
+from .calibrate import apply as apply_calibration
+from .calibrate import calibrate as calibrate_concept
 from .concept import Concept
 from .errors import InvalidArgumentError
-from .metrics import log_softmax, massive_positions
+from .metrics import massive_positions
+from .prompts import neutral_prompts
 
 if TYPE_CHECKING:
     from .lab import Lab
 
 METHODS = ("mean", "pca", "classic", "trained")
 READS = ("last", "mean")
-KL_TARGET = 1.0
-ALPHA_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
+DEFAULT_STRENGTH = 0.2  # uncalibrated concepts only
 BATCH = 32
 Progress = Callable[[int, int], None]
-
-
-def neutral_prompts(n: int | None = None) -> list[str]:
-    data = json.loads(resources.files("mlx_steer").joinpath("data/prompts.json").read_text())
-    return data["neutral"][:n]
 
 
 def _valid_positions(h: np.ndarray) -> np.ndarray:
@@ -116,39 +111,20 @@ def recommend_layer(scores: np.ndarray) -> int:
     return lo + int(np.argmax(scores[lo:hi]))
 
 
-def calibrate_strength(lab: "Lab", concept: Concept, layer: int,
-                       prompts: Sequence[str] | None = None,
-                       grid: Sequence[float] = ALPHA_GRID,
-                       target: float = KL_TARGET) -> tuple[float, list[float]]:
-    """Largest grid strength whose mean next-token KL stays within `target` nats.
-
-    One batched pass: every (prompt, strength) row plus unsteered rows.
-    Returns the chosen relative strength and the mean KL at each grid point.
-    """
-    prompts = list(prompts or neutral_prompts(3))
-    rows = [(p, None) for p in prompts]
-    rows += [(p, concept.steer(layer, a)) for a in grid for p in prompts]
-    out = lab.generate_batch_tokens(rows, max_tokens=1)
-    base = [log_softmax(r.first_logprobs) for r in out[: len(prompts)]]
-    kls = []
-    for i in range(len(grid)):
-        chunk = out[len(prompts) * (i + 1): len(prompts) * (i + 2)]
-        kl = [float(np.sum(np.exp(b) * (b - log_softmax(r.first_logprobs))))
-              for b, r in zip(base, chunk)]
-        kls.append(float(np.mean(kl)))
-    ok = [a for a, k in zip(grid, kls) if k <= target]
-    return (max(ok) if ok else grid[0]), kls
-
-
 def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
             read: str = "last", chat: bool = False, progress: Progress | None = None,
             calibrate: bool = True, layer: int | None = None, seed: int = 0,
-            **meta) -> Concept:
+            instruction: str | None = None, **meta) -> Concept:
     """A concept from (positive, negative) text pairs, with a vector for every layer.
 
-    `layer` replaces the recommended block. `method="trained"` trains the vector at
-    that block (default: the one the mean difference recommends) with
-    `mlx_steer.train` (seeded by `seed`); the other blocks keep the mean difference.
+    With `calibrate` (default) its default block and strength come from
+    `calibrate.calibrate`; `instruction` is its style instruction (default: made
+    from the name), used by that calibration and by the prompting baseline.
+    `layer` fixes the default block (calibration then chooses only the strength).
+    `method="trained"` trains the vector at that block (default: the one the mean
+    difference recommends) with `mlx_steer.train` (seeded by `seed`); the other
+    blocks keep the mean difference, and calibration keeps the trained block.
+    `progress(done, total)` covers extraction and calibration together.
     """
     from .library import validate_name
 
@@ -167,11 +143,23 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
     if method == "classic":
         pairs, read = pairs[:1], "last"
     texts = [p for p, _ in pairs] + [n for _, n in pairs]
-    pooled, norms = capture(lab, texts, read, chat, progress)
+    steps = 1000
+    part = steps // 2 if calibrate else steps
+
+    def capture_progress(done: int, total: int) -> None:
+        if progress:
+            progress(part * done // max(total, 1), steps)
+
+    def calibration_progress(done: int, total: int) -> None:
+        if progress:
+            progress(part + (steps - part) * done // max(total, 1), steps)
+
+    pooled, norms = capture(lab, texts, read, chat, capture_progress)
     pos, neg = pooled[: len(pairs)], pooled[len(pairs):]
     vectors = directions(pos, neg, "mean" if method == "trained" else method)
     scores = fisher_scores(pos, neg, vectors) if len(pairs) > 1 else np.linalg.norm(
         vectors, axis=1) / norms
+    fixed = layer is not None or method == "trained"
     if layer is None:
         layer = recommend_layer(scores)
     elif isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
@@ -182,14 +170,19 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
         vectors[layer], trained = train.train_vector(lab, pairs, int(layer), vectors[layer],
                                                      float(norms[layer]), seed=seed,
                                                      progress=progress)
-    concept = Concept(name=name, vectors=vectors, norms=norms, layer=layer, strength=0.25,
+    concept = Concept(name=name, vectors=vectors, norms=norms, layer=layer,
+                      strength=DEFAULT_STRENGTH,
                       model_fingerprint=lab.fingerprint, model_name=lab.name, method=method,
                       read=read, template="chat" if chat else "raw", pairs=pairs, **meta)
-    concept.extra.update({"model_hint": lab.model_type,
+    concept.extra.update({"model_hint": lab.model_type, "fisher_layer": layer,
                           "layer_scores": [round(float(s), 4) for s in scores]})
     if trained is not None:
         concept.extra["trained"] = trained
+    if instruction:
+        concept.extra["instruction"] = str(instruction)
     if calibrate and not concept.extra.get("zero_vector"):
-        concept.strength, kls = calibrate_strength(lab, concept, layer)
-        concept.extra["kl_grid"] = dict(zip(map(str, ALPHA_GRID), map(float, kls)))
+        cal = calibrate_concept(lab, concept, blocks=[int(layer)] if fixed else None,
+                                instruction=instruction,
+                                progress=calibration_progress if progress else None)
+        apply_calibration(concept, cal)
     return concept

@@ -299,15 +299,23 @@ class Lab:
             return self.library.load(name)
         return self._cached_builtin(name) if name in self.builtins() else None
 
+    @staticmethod
+    def _builtin_digest(name: str) -> str:
+        """What a cached built-in was made from: its spec and the calibration rule."""
+        from .calibrate import CALIBRATION_VERSION
+        from .library import builtin_spec, spec_digest
+
+        return spec_digest({**builtin_spec(name), "calibration_version": CALIBRATION_VERSION})
+
     def _cached_builtin(self, name: str) -> "Concept | None":
         from .errors import MlxSteerError
-        from .library import Library, builtin_spec, spec_digest
+        from .library import Library
 
         cache = Library(self.fingerprint, self.name, sub="builtin")
         if name in cache:
             try:
                 c = cache.load(name)
-                if c.extra.get("spec_digest") == spec_digest(builtin_spec(name)):
+                if c.extra.get("spec_digest") == self._builtin_digest(name):
                     return c
             except MlxSteerError:
                 pass  # unreadable, invalid or another model's: extracted again by _builtin
@@ -315,19 +323,19 @@ class Lab:
 
     def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
                  ) -> "Concept":
-        from .library import Library, builtin_spec, spec_digest
+        from .library import Library, builtin_spec
 
         c = self._cached_builtin(name)
         if c is not None:
             return c
         cache = Library(self.fingerprint, self.name, sub="builtin")
         spec = builtin_spec(name)
-        digest = spec_digest(spec)
         c = self.extract(name, spec["pairs"], method="mean", read="last",
                          chat=spec.get("template") == "chat", progress=progress,
                          category=spec.get("category", "builtin"),
-                         description=spec.get("description", ""))
-        c.extra["spec_digest"] = digest
+                         description=spec.get("description", ""),
+                         instruction=spec.get("instruction"))
+        c.extra["spec_digest"] = self._builtin_digest(name)
         c.extra["builtin"] = True
         cache.save(c)
         return c

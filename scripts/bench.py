@@ -8,6 +8,8 @@ hits both sides alike:
                  (`mlx_lm.stream_generate`, steering blocks uninstalled), same
                  prompt and number of tokens (EOS banned on both sides)
   extraction  2. the 17 built-in concepts at every layer, cold (empty cache)
+  calibration    choosing a concept's default block and strength from generated text
+                 (mlx_steer/calibrate.py), per concept, next to its extraction
   compare     3. baseline + steered (2 rows, 50 tokens, one batch) vs one plain generation
   sweeps      4. layer sweep (baseline + 8 layers, 30 tokens) and strength sweep
                  (5 strengths, 30 tokens): one batch vs the same variants one by one
@@ -64,10 +66,11 @@ from typing import Callable
 
 from bench_common import cpu_seconds, machine, sweep_layers
 
-SECTIONS = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth",
-            "prefill", "shared", "step", "kernel", "preload", "blas", "reference")
-DEFAULT = ("overhead", "extraction", "compare", "sweeps", "coldstart", "bandwidth", "prefill",
-           "shared", "reference")
+SECTIONS = ("overhead", "extraction", "calibration", "compare", "sweeps", "coldstart",
+            "bandwidth", "prefill", "shared", "step", "kernel", "preload", "blas", "reference")
+DEFAULT = ("overhead", "extraction", "calibration", "compare", "sweeps", "coldstart",
+           "bandwidth", "prefill", "shared", "reference")
+CALIBRATION_CONCEPTS = ("happy", "sad", "pirate")
 NEEDED_BY_REFERENCE = ("overhead", "extraction", "compare", "sweeps")
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -258,11 +261,11 @@ def bench_extraction(lab, args) -> None:
             os.environ["MLX_STEER_HOME"] = old
     OURS["extraction_s"] = med(times)
     row("2 extraction", f"{len(cs)} built-ins x {lab.num_layers} layers, cold (incl. "
-        "strength calibration)", med(times), "s",
+        "calibration of block and strength)", med(times), "s",
         note=f"{med(times) / len(cs):.2f} s per concept; runs: "
              + ", ".join(f"{t:.1f}" for t in times))
 
-    # The same concepts without the strength calibration, and with the original's data
+    # The same concepts without the calibration, and with the original's data
     # (each built-in's single seed pair, last token): every layer from one batched pass.
     from mlx_steer import extract
     from mlx_steer.library import builtin_spec
@@ -287,6 +290,46 @@ def bench_extraction(lab, args) -> None:
     row("2 extraction", f"{len(cs)} seed pairs (1 per concept) x {lab.num_layers} layers",
         OURS["extraction_seed_s"], "s", note=f"{len(seed_texts)} texts in one batched pass: "
         "the original's data")
+
+
+# ---- calibration ------------------------------------------------------------------
+
+def bench_calibration(lab, args) -> None:
+    """Seconds per concept: extraction without calibration, and the calibration
+    (one batched decode of the grid + teacher-forced scoring), interleaved."""
+    from mlx_steer import calibrate, extract
+    from mlx_steer.library import builtin_spec
+
+    concepts = {n: extract.extract(lab, n, [tuple(x) for x in builtin_spec(n)["pairs"]],
+                                   calibrate=False) for n in CALIBRATION_CONCEPTS}
+    cpu: dict[str, list] = {"extract": [], "calibrate": []}
+
+    def timed(kind, fn):
+        def f():
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            for name in CALIBRATION_CONCEPTS:
+                fn(name)
+            cpu[kind].append((cpu_seconds() - c0) / len(CALIBRATION_CONCEPTS))
+            return (time.perf_counter() - t0) / len(CALIBRATION_CONCEPTS)
+        return f
+
+    t = interleaved({
+        "extract": timed("extract", lambda n: extract.extract(
+            lab, n, [tuple(x) for x in builtin_spec(n)["pairs"]], calibrate=False)),
+        "calibrate": timed("calibrate", lambda n: calibrate.calibrate(
+            lab, concepts[n], instruction=builtin_spec(n)["instruction"],
+            progress=lambda d, t: None)),
+    }, args.runs, warmup=False)
+    rows = len(calibrate.candidate_blocks(lab.num_layers)) * len(calibrate.ALPHAS) + 1
+    grid = (f"{rows * calibrate.N_PROMPTS} rows ({calibrate.N_PROMPTS} prompts x "
+            f"({len(calibrate.candidate_blocks(lab.num_layers))} blocks x "
+            f"{len(calibrate.ALPHAS)} strengths + unsteered)), {calibrate.MAX_TOKENS} tokens")
+    OURS["calibration_s"] = med(t["calibrate"])
+    row("calibration", "extraction per concept, no calibration", med(t["extract"]), "s",
+        note=f"{', '.join(CALIBRATION_CONCEPTS)}; CPU {med(cpu['extract']):.1f} s")
+    row("calibration", "calibration per concept", med(t["calibrate"]), "s", target="<= 10 s",
+        ok=med(t["calibrate"]) <= 10, note=f"{grid}; CPU {med(cpu['calibrate']):.1f} s "
+        "(user+sys, all threads); runs: " + ", ".join(f"{x:.1f}" for x in t["calibrate"]))
 
 
 # ---- 3. compare ------------------------------------------------------------------

@@ -369,6 +369,10 @@ def test_library_lists_inspects_mixes_exports_and_deletes(created):
     ok(at)
     recs = chart_with(at, "layer", "‖v‖ / median‖h‖")
     assert len(recs) == lab().num_layers
+    # The calibration grid its defaults were chosen from, as a chart.
+    grid = lab().concept("test_glad").extra["calibration"]["grid"]
+    shown = at.session_state["lib_calibration_records"]
+    assert [(r["block"], r["α"]) for r in shown] == [(g["layer"], g["strength"]) for g in grid]
 
     at.session_state["lib_mix_table"] = pd.DataFrame(
         {"concept": ["happy", "test_glad"], "weight": [0.5, 0.5]})

@@ -41,7 +41,8 @@ SENTIMENT_DIRECTION = {
 MARKER_CONCEPTS = {"formal", "casual", "poetic", "technical", "pirate", "shakespeare"}
 LENGTH_DIRECTION = {"brief": -1, "verbose": 1}
 VALID_CATEGORIES = {"emotion", "style", "personality", "brevity"}
-CONCEPT_KEYS = {"name", "category", "description", "template", "pairs", "eval", "markers", "seed_pair"}
+CONCEPT_KEYS = {"name", "category", "description", "instruction", "template", "pairs", "eval",
+                "markers", "seed_pair"}
 
 
 def _load(path: Path):
@@ -84,6 +85,7 @@ def test_concept_schema(concepts, name):
     assert c["category"] in VALID_CATEGORIES
     assert c["category"] == EXPECTED_CONCEPTS[name]
     assert isinstance(c["description"], str) and c["description"].strip()
+    assert isinstance(c["instruction"], str) and c["instruction"].strip().endswith(".")
     assert c["template"] == "raw"
 
 

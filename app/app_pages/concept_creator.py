@@ -129,8 +129,10 @@ if concept is not None:
              key="creator_norm_chart")
     st.caption("‖v‖ / median‖h‖: how big the concept direction is next to a typical "
                "activation at each block. Separation: how well the positive and negative "
-               "texts separate along the vector (the recommended block maximises it within "
-               "30–70 % of the depth).")
+               "texts separate along the vector (the best block within 30–70 % of the depth is "
+               "kept as a fallback; the defaults come from the calibration below).")
+
+    ui.calibration_view(concept, "creator_calibration")
 
     lens_layer = ui.layer_slider(lab, "creator_lens_layer", "Logit lens of the vector at block",
                                  default=int(0.85 * L))

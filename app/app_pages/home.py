@@ -46,7 +46,8 @@ if result:
     ui.text_box(result["baseline"], slots[0])
     ui.text_box(result["steered"], slots[1])
     st.caption(f"“happy” added after block {result['layer']} at α = {result['alpha']:g} "
-               "(its recommended setting). Same prompt tokens, greedy decoding: every "
+               "(its default, chosen by calibration: the strongest setting that still keeps "
+               "the text fluent). Same prompt tokens, greedy decoding: every "
                "difference comes from the injected vector.")
 else:
     ui.text_box("", slots[0], empty="press Run the demo")

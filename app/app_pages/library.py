@@ -76,6 +76,7 @@ with tab_inspect:
             st.session_state["lib_inspect_records"] = recs
             ui.chart(charts.metric_chart(recs, "layer", "‖v‖ / median‖h‖"),
                      key="lib_inspect_chart")
+            ui.calibration_view(c, "lib_calibration")
             vl = lens.vector_lens(lab, c.vectors[min(L - 1, int(0.85 * L))], k=8)
             st.markdown("Tokens promoted at block "
                         f"{min(L - 1, int(0.85 * L))}: " + ", ".join(
