@@ -50,16 +50,19 @@ def _free_port() -> int:
 
 
 @contextmanager
-def app_server(url: str | None = None):
-    """The lab on a loopback port (started here unless `url` is given)."""
+def app_server(url: str | None = None, log_dir: Path | None = None,
+               extra_args: tuple[str, ...] = ()):
+    """The lab on a loopback port (started here unless `url` is given); its log goes
+    to `log_dir` (default: a new temporary folder). The browser tests use it too."""
     if url:
         yield url
         return
     port = _free_port()
-    log = Path(tempfile.mkdtemp(prefix="mlx-steer-load-")) / "server.log"
+    log = Path(log_dir or tempfile.mkdtemp(prefix="mlx-steer-load-")) / "server.log"
     cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "Home.py"),
            "--server.headless", "true", "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+           *extra_args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy(), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)

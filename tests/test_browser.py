@@ -7,37 +7,25 @@ installs chromium with apt, browsers cannot be downloaded here.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import app_load  # noqa: E402 - the lab server and browser, shared with the load script
+
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "app" / "Home.py"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 PAGES = [("", "home"), ("learn", "learn"), ("concept_creator", "concept_creator"),
          ("playground", "playground"), ("visualizer", "visualizer"),
          ("experiments", "experiments"), ("introspection", "introspection"),
          ("library", "library")]
 SLOW = 240_000  # ms: a built-in concept may be extracted on first use
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,56 +34,17 @@ def server(tmp_path_factory):
         pytest.skip("Debian's chromium is not installed (apt-get install chromium): "
                     "the browser test needs it, browsers cannot be downloaded here")
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1",
-           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
-    with open(log, "wb") as out:
-        # MLX_STEER_HOME (conftest) is inherited: the app shares the run's concept cache.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().decode().strip() == "ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    # MLX_STEER_HOME (conftest) is inherited: the app shares the run's concept cache.
+    with app_load.app_server(log_dir=tmp_path_factory.mktemp("streamlit"),
+                             extra_args=("--client.toolbarMode", "viewer")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    # `make test` preloads OpenBLAS for MLX; Playwright's node driver and chromium
-    # crash with it ("pthread_create: Invalid argument"), so they start without it.
-    preload = os.environ.pop("LD_PRELOAD", None)
-    try:
-        with sync_playwright() as p:
-            env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                  args=CHROMIUM_ARGS, env=env)
-            if preload is not None:  # the tests' own model work keeps the fast BLAS
-                os.environ["LD_PRELOAD"] = preload
-            yield b
-            b.close()
-    finally:
-        if preload is not None:
-            os.environ["LD_PRELOAD"] = preload
+    # Playwright and chromium start without the preloaded OpenBLAS (see app_load.chromium).
+    with app_load.chromium() as b:
+        yield b
 
 
 def new_page(browser, height: int = 1800):

@@ -7,18 +7,7 @@ from mlx_steer import Concept
 from mlx_steer import calibrate as C
 from mlx_steer import experiments as X
 from mlx_steer.prompts import default_instruction, prompt_set, with_instruction
-from tiny import tiny_lab
-
-PAIRS = [("I feel wonderful and joyful today!", "I feel neutral today."),
-         ("What a delightful, happy morning.", "It is a morning."),
-         ("We laughed with joy all evening.", "We talked all evening.")]
-
-
-@pytest.fixture(autouse=True)
-def home(request, tmp_path, monkeypatch):
-    if request.node.get_closest_marker("model") is None:
-        monkeypatch.setenv("MLX_STEER_HOME", str(tmp_path / "home"))
-
+from tiny import PAIRS, tiny_home, tiny_lab  # noqa: F401 - tiny_home: autouse
 
 @pytest.fixture(scope="module")
 def lab():

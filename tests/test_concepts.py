@@ -8,19 +8,7 @@ import pytest
 
 from mlx_steer import Concept, Steer, errors
 from mlx_steer.library import BUILTINS, Library, builtin_spec, validate_name
-from tiny import tiny_lab
-
-PAIRS = [("I feel wonderful and joyful today!", "I feel neutral today."),
-         ("What a delightful, happy morning.", "It is a morning."),
-         ("We laughed with joy all evening.", "We talked all evening.")]
-
-
-@pytest.fixture(autouse=True)
-def home(request, tmp_path, monkeypatch):
-    """An empty library per tiny-model test; model tests share the run's cache."""
-    if request.node.get_closest_marker("model") is None:
-        monkeypatch.setenv("MLX_STEER_HOME", str(tmp_path / "home"))
-
+from tiny import PAIRS, tiny_home, tiny_lab  # noqa: F401 - tiny_home: autouse
 
 @pytest.fixture(scope="module")
 def lab():

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_steer import Lab
+
+# A few "happy" contrast pairs for extraction tests on tiny models.
+PAIRS = [("I feel wonderful and joyful today!", "I feel neutral today."),
+         ("What a delightful, happy morning.", "It is a morning."),
+         ("We laughed with joy all evening.", "We talked all evening.")]
+
+
+@pytest.fixture(autouse=True)
+def tiny_home(request, tmp_path, monkeypatch):
+    """Import into a test module: an empty library per tiny-model test, while model
+    tests share the run's cache."""
+    if request.node.get_closest_marker("model") is None:
+        monkeypatch.setenv("MLX_STEER_HOME", str(tmp_path / "home"))
+
 
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
