@@ -290,28 +290,17 @@ def test_builtin_is_extracted_once_then_read_from_cache(lab, monkeypatch):
 
 
 @pytest.mark.model
-def test_happy_raises_sentiment_on_smollm(smollm):
+def test_happy_and_sad_defaults_move_sentiment_apart_on_smollm(smollm):
+    """At their calibrated defaults: happy raises VADER over the unsteered rows, and
+    sad's rows score well below happy's (sad alone moves VADER only weakly on this
+    model: docs/CONCEPTS_EVAL.md)."""
     from mlx_steer.metrics import sentiment
 
     prompts = ["Describe a rainy Monday morning.", "Write about waiting at the bus stop.",
                "What happened at work today?"]
-    happy = smollm.concept("happy")
-    rows = [(p, s) for s in (None, happy.steer()) for p in prompts]
+    happy, sad = smollm.concept("happy"), smollm.concept("sad")
+    rows = [(p, s) for s in (None, happy.steer(), sad.steer()) for p in prompts]
     out = smollm.generate_batch(rows, max_tokens=30)
-    base, up = np.array([sentiment(t) for t in out]).reshape(2, len(prompts)).mean(axis=1)
+    base, up, down = np.array([sentiment(t) for t in out]).reshape(3, len(prompts)).mean(axis=1)
     assert up > base + 0.2, out
-
-
-@pytest.mark.model
-@pytest.mark.xfail(reason="sad's calibrated default lowers VADER only weakly on SmolLM2 "
-                          "(no clear effect in docs/CONCEPTS_EVAL.md)", strict=False)
-def test_sad_lowers_sentiment_on_smollm(smollm):
-    from mlx_steer.metrics import sentiment
-
-    prompts = ["Describe a rainy Monday morning.", "Write about waiting at the bus stop.",
-               "What happened at work today?"]
-    sad = smollm.concept("sad")
-    out = smollm.generate_batch([(p, s) for s in (None, sad.steer()) for p in prompts],
-                                max_tokens=30)
-    base, down = np.array([sentiment(t) for t in out]).reshape(2, len(prompts)).mean(axis=1)
-    assert down < base - 0.2, out
+    assert down < up - 0.2, out
