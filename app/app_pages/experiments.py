@@ -70,8 +70,20 @@ def show_records(records: list[dict], x: str, metric: str, key: str) -> None:
              key=f"{key}_chart")
     st.caption(f"{METRICS[metric]} per {x}" + (f"; dashed line: the unsteered baseline "
                                                 f"({bval:.3g})" if bval is not None else ""))
+    records_table(records)
+
+
+def show_bars(records: list[dict], metric: str, key: str, extra_cols: tuple = ()) -> None:
+    """One bar per row (mixes, methods), then the rows' table."""
+    ui.chart(charts.rate_bars([{"label": r["label"], metric: r.get(metric)} for r in records],
+                              "label", metric), key=f"{key}_chart")
+    records_table(records, extra_cols)
+
+
+def records_table(records: list[dict], extra_cols: tuple = ()) -> None:
     frame = pd.DataFrame(records)
-    st.dataframe(frame[[c for c in TEXT_COLS if c in frame]], hide_index=True, width="stretch",
+    st.dataframe(frame[[c for c in [*extra_cols, *TEXT_COLS] if c in frame]], hide_index=True,
+                 width="stretch",
                  column_config={"text": st.column_config.TextColumn(width="large")})
 
 
@@ -200,13 +212,7 @@ with tab_mix:
         except MlxSteerError as e:
             ui.show_error(e)
     if st.session_state.get("exp_mix"):
-        recs = st.session_state["exp_mix"]
-        ui.chart(charts.rate_bars([{"label": r["label"], m_metric: r.get(m_metric)}
-                                   for r in recs], "label", m_metric), key="exp_mix_chart")
-        frame = pd.DataFrame(recs)
-        st.dataframe(frame[[c for c in TEXT_COLS if c in frame]], hide_index=True,
-                     width="stretch",
-                     column_config={"text": st.column_config.TextColumn(width="large")})
+        show_bars(st.session_state["exp_mix"], m_metric, "exp_mix")
 
 with tab_methods:
     st.markdown("One concept's pairs extracted again with each method — **mean** difference, "
@@ -244,10 +250,4 @@ with tab_methods:
         except MlxSteerError as e:
             ui.show_error(e)
     if st.session_state.get("exp_methods"):
-        recs = st.session_state["exp_methods"]
-        ui.chart(charts.rate_bars([{"label": r["label"], v_metric: r.get(v_metric)}
-                                   for r in recs], "label", v_metric), key="exp_methods_chart")
-        frame = pd.DataFrame(recs)
-        st.dataframe(frame[[c for c in ["op"] + TEXT_COLS if c in frame]], hide_index=True,
-                     width="stretch",
-                     column_config={"text": st.column_config.TextColumn(width="large")})
+        show_bars(st.session_state["exp_methods"], v_metric, "exp_methods", ("op",))
