@@ -40,7 +40,8 @@ Record fields (always present; a metric that cannot be computed is ``None``):
   baseline: the prompt plus the concept's instruction, unsteered; its
   perplexity and expression are taken against the plain prompt like any row);
 - ``eval_kind`` and ``concept_score``: the concept's own evaluation (spec's
-  ``eval``): direction × sentiment, marker rate, or word count × direction.
+  ``eval``): direction × sentiment, marker rate, word count × direction, or
+  the rate of words from the concept's emotion-lexicon categories ("lexicon").
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def concept_instruction(concept: Concept | None) -> str:
 
 
 def concept_eval(concept: Concept | None) -> dict | None:
-    """The concept's evaluation rule ({"kind": "sentiment"|"markers"|"length", ...})."""
+    """The concept's evaluation rule ({"kind": "sentiment"|"markers"|"length"|"lexicon", ...})."""
     if concept is None:
         return None
     if concept.extra.get("eval"):
@@ -184,6 +185,8 @@ def concept_score(rule: dict | None, m: Mapping[str, Any]) -> float | None:
         return m["marker_rate"]
     if kind == "length":
         return d * m["words"]
+    if kind == "lexicon":
+        return M.lexicon_rate(m["text"], rule["categories"])
     return None
 
 
@@ -504,9 +507,10 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
         rule = concept_eval(v.concept)
         if rule:
             rec["eval_kind"] = rule.get("kind")
-            rec["concept_score"] = concept_score(rule, tm)
+            rec["concept_score"] = concept_score(rule, {**tm, "text": r.text})
             if btm is not None:
-                rec["concept_score_baseline"] = concept_score(rule, btm)
+                rec["concept_score_baseline"] = concept_score(rule, {**btm,
+                                                                     "text": results[b].text})
         rec.update(v.extra)
         records.append(rec)
 

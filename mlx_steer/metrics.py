@@ -8,6 +8,8 @@ from functools import cache
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 
@@ -47,6 +49,32 @@ def marker_rate(text: str, markers: Sequence[str]) -> float:
             if tokens[i : i + n] == phrase:
                 covered[i : i + n] = True
     return float(covered.mean())
+
+
+@cache
+def _lexicon() -> dict[str, frozenset[str]]:
+    from empath import Empath
+
+    return {name: frozenset(t for t in terms if t and _WORD.fullmatch(t))
+            for name, terms in Empath().cats.items()}
+
+
+def lexicon_categories() -> list[str]:
+    """Names of the Empath lexicon's categories ("anger", "fear", "zest", ...)."""
+    return sorted(_lexicon())
+
+
+def lexicon_rate(text: str, categories: Sequence[str]) -> float:
+    """Fraction of word tokens that belong to any of the given Empath lexicon categories
+    (Fast et al., 2016: word lists such as "anger", "nervousness", "zest", "pride")."""
+    lex = _lexicon()
+    unknown = [c for c in categories if c not in lex]
+    if unknown or not categories:
+        raise InvalidArgumentError(f"unknown lexicon categories {unknown or list(categories)}; "
+                                   f"known: {', '.join(sorted(lex))}")
+    vocab = frozenset().union(*(lex[c] for c in categories))
+    tokens = words(text)
+    return sum(t in vocab for t in tokens) / len(tokens) if tokens else 0.0
 
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
