@@ -11,7 +11,9 @@ is a calibration prompt) are generated in batched decodes, three rows per prompt
 
 Each row is scored (`mlx_steer.experiments.run`):
 - the concept's own metric: VADER compound (emotions, signed by the concept's
-  direction), words per answer (brief / verbose, signed), marker-word rate (styles);
+  direction), or the rate of its Empath emotion-lexicon words (the emotions for which
+  `scripts/select_metrics.py` chose it), words per answer (brief / verbose, signed,
+  at `--length-tokens`), marker-word rate (styles); VADER is shown for every concept;
 - expression (every concept): mean log p(text | prompt + instruction) −
   mean log p(text | prompt) per token under the unsteered model, minus the same
   for the unsteered row of that prompt;
@@ -116,6 +118,12 @@ def random_control(lab) -> Concept:
     return apply_calibration(c, calibrate(lab, c))
 
 
+def budget_of(rule: dict | None, args) -> int:
+    """Tokens per answer for a concept: length concepts get `--length-tokens` (at the
+    shorter budget an unsteered answer already fills it, so a longer one cannot show)."""
+    return args.length_tokens if rule and rule.get("kind") == "length" else args.max_tokens
+
+
 # ---- statistics -------------------------------------------------------------------------
 
 def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
@@ -152,7 +160,9 @@ def summarise(rule: dict, rows: list[dict], base: dict[str, dict]) -> dict:
            "ppl_ratio": _ppl_ratio(rows, b),
            "distinct2_ratio": float(np.mean([r["distinct_2"] for r in rows])
                                     / max(np.mean([x["distinct_2"] for x in b]), 1e-9)),
-           "sentiment": float(np.mean([r["sentiment"] for r in rows]))}
+           "sentiment": float(np.mean([r["sentiment"] for r in rows])),
+           "vader": bootstrap_ci(float(rule.get("direction", 1)) * np.array(
+               [r["sentiment"] - x["sentiment"] for r, x in zip(rows, b)]), 2)}
     out["verdict"] = verdict(rule["kind"], out)
     return out
 
@@ -190,10 +200,12 @@ def _fmt_ci(t: tuple[float, float, float], digits: int = 3) -> str:
 
 def report(model: str, results: list[dict], args, seconds: float,
            merged: list[str] = ()) -> str:
-    metric_names = {"sentiment": "VADER", "markers": "marker rate", "length": "words"}
+    metric_names = {"sentiment": "VADER", "markers": "marker rate", "length": "words",
+                    "lexicon": "lexicon rate"}
     cmd = "python scripts/eval_concepts.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in
-        (("methods", args.methods), ("prompts", args.prompts), ("max_tokens", args.max_tokens))
+        (("methods", args.methods), ("prompts", args.prompts), ("max_tokens", args.max_tokens),
+         ("length_tokens", args.length_tokens))
     ) + (f" --model {args.model}" if args.model else "")
     for r in results:  # the current rule, also for results read back with --from-json
         for k in ("steered", "prompted"):
@@ -206,22 +218,26 @@ def report(model: str, results: list[dict], args, seconds: float,
         f"# Built-in concepts on {model}",
         "",
         f"Command: `{cmd}`. Greedy decoding, {args.prompts} evaluation prompts (none is a "
-        f"calibration prompt), at most {args.max_tokens} tokens. Each concept at its default "
+        f"calibration prompt), at most {args.max_tokens} tokens ({args.length_tokens} for the "
+        f"length concepts, with their own unsteered rows). Each concept at its default "
         "block and relative strength α (chosen by calibration, see README), next to the "
         "unsteered model and to the prompting baseline (the prompt plus the concept's "
         "instruction, unsteered). Changes are means of paired differences over prompts "
         "(row − unsteered row of the same prompt) with bootstrap 95% intervals; the "
         "metric is signed so that + means more of the concept (VADER × direction, "
-        "words × direction, marker rate). Expression: nats per token by which the "
+        "words × direction, marker rate, rate of the concept's emotion-lexicon words; "
+        "which emotion gets VADER and which its lexicon was chosen on prompted text of "
+        "non-evaluation prompts, `scripts/select_metrics.py`). ΔVADER: the VADER change × the "
+        "concept's direction, shown for every concept. Expression: nats per token by which the "
         "unsteered model, told to write in the concept's way, finds the text more likely "
         "than the unsteered text.",
         "",
         f"**{n_steer} of {n_all}** built-ins steer at their defaults (method mean).",
         "",
         "| concept | method | block | α | calibration | metric | unsteered | Δ steered [95% CI] "
-        "| Δ prompted [95% CI] | expression steered | expression prompted | PPL × | "
+        "| Δ prompted [95% CI] | ΔVADER steered | expression steered | expression prompted | PPL × | "
         "distinct-2 × | wrong way | verdict | example (steered) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, p = r["steered"], r.get("prompted")
@@ -230,7 +246,9 @@ def report(model: str, results: list[dict], args, seconds: float,
             f"| {r['concept']} | {r['method']} | {r['layer']} | {r['strength']:g} | "
             f"{'expresses' if r['calibration_steers'] else 'not steering'} | "
             f"{metric_names[r['kind']]} | {s['metric_base']:.3f} | {_fmt_ci(s['delta'])} | "
-            f"{_fmt_ci(p['delta']) if p else '—'} | {_fmt_ci(s['expression'], 2)} | "
+            f"{_fmt_ci(p['delta']) if p else '—'} | "
+            f"{_fmt_ci(s['vader'], 2) if s.get('vader') else '—'} | "
+            f"{_fmt_ci(s['expression'], 2)} | "
             f"{_fmt_ci(p['expression'], 2) if p else '—'} | {s['ppl_ratio']:.2f} | "
             f"{s['distinct2_ratio']:.2f} | {s['wrong_way']:.0%} | {s['verdict']} | {example} |")
     lines += ["", "Verdict rule: " + RULE, ""]
@@ -269,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated built-ins (and 'random', the control)")
     ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (≤ 24)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--length-tokens", type=int, default=128,
+                    help="tokens per answer for the length concepts (brief, verbose)")
     ap.add_argument("--out", default="docs/CONCEPTS_EVAL.md")
     ap.add_argument("--json", default=None, help="also write every record here")
     ap.add_argument("--merge", default=None, metavar="JSON",
@@ -300,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     concepts = [random_control(lab) if n == CONTROL else METHODS[m](lab, n)
                 for n, m in tqdm(jobs, desc="concepts (calibration when not cached)",
                                  unit="concept")]
+    budget = [budget_of(E.concept_eval(c), args) for c in concepts]
     recs: list[dict] = []
-    for start in tqdm(range(0, len(jobs), args.group), desc="evaluation", unit="group"):
-        group = [(j, concepts[j], jobs[j][1] == methods[0])
-                 for j in range(start, min(start + args.group, len(jobs)))]
-        recs += evaluate_group(lab, group, prompts, args.max_tokens)
-    base = {r["prompt"]: r for r in recs if r["is_baseline"]}
+    groups = [[j for j in range(len(jobs)) if budget[j] == b] for b in sorted(set(budget))]
+    for js in tqdm([g[i:i + args.group] for g in groups for i in range(0, len(g), args.group)],
+                   desc="evaluation", unit="group"):
+        recs += [{**r, "budget": budget[js[0]]} for r in evaluate_group(
+            lab, [(j, concepts[j], jobs[j][1] == methods[0]) for j in js], prompts,
+            budget[js[0]])]
+    bases = {b: {r["prompt"]: r for r in recs if r["is_baseline"] and r["budget"] == b}
+             for b in set(budget)}
+    base = bases[args.max_tokens] if args.max_tokens in bases else bases[budget[0]]
     for j, ((name, method), c) in enumerate(zip(jobs, concepts)):
         rule = E.concept_eval(c)
         steered = [r for r in recs if r.get("job") == j and r["kind"] == "eval"]
@@ -313,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({
             "concept": name, "method": method, "layer": c.layer, "strength": c.strength,
             "calibration_steers": bool(c.extra.get("steers")), "kind": rule["kind"],
-            "steered": summarise(rule, steered, base),
-            "prompted": summarise(rule, prompted, base) if prompted else None,
+            "max_tokens": budget[j],
+            "steered": summarise(rule, steered, bases[budget[j]]),
+            "prompted": summarise(rule, prompted, bases[budget[j]]) if prompted else None,
             "base_sentiment": float(np.mean([b["sentiment"] for b in base.values()])),
             "example": steered[0]["text"]})
     records = [{**r, "method": jobs[r["job"]][1] if r.get("job") is not None else None}

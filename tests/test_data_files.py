@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mlx_steer.metrics import lexicon_categories
+
 DATA = Path(__file__).parents[1] / "mlx_steer" / "data"
 CONCEPTS_DIR = DATA / "concepts"
 
@@ -43,6 +45,9 @@ LENGTH_DIRECTION = {"brief": -1, "verbose": 1}
 VALID_CATEGORIES = {"emotion", "style", "personality", "brevity"}
 CONCEPT_KEYS = {"name", "category", "description", "instruction", "template", "pairs", "eval",
                 "markers", "seed_pair"}
+OPTIONAL_KEYS = {"lexicon"}  # candidate emotion-lexicon categories (scripts/select_metrics.py)
+# emotions judged by their lexicon rate, as scripts/select_metrics.py chose
+LEXICON_CONCEPTS = {"excited", "enthusiastic"}
 
 
 def _load(path: Path):
@@ -80,7 +85,7 @@ def test_exactly_the_17_concept_files(concepts):
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONCEPTS))
 def test_concept_schema(concepts, name):
     c = concepts[name]
-    assert set(c) == CONCEPT_KEYS
+    assert CONCEPT_KEYS <= set(c) <= CONCEPT_KEYS | OPTIONAL_KEYS
     assert c["name"] == name
     assert c["category"] in VALID_CATEGORIES
     assert c["category"] == EXPECTED_CONCEPTS[name]
@@ -115,8 +120,11 @@ def test_concept_pairs(concepts, name):
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONCEPTS))
 def test_concept_eval(concepts, name):
     ev = concepts[name]["eval"]
-    assert ev["kind"] in {"sentiment", "markers", "length"}
-    if name in SENTIMENT_DIRECTION:
+    assert ev["kind"] in {"sentiment", "markers", "length", "lexicon"}
+    if name in LEXICON_CONCEPTS:
+        assert ev == {"kind": "lexicon", "direction": SENTIMENT_DIRECTION[name],
+                      "categories": concepts[name]["lexicon"]}
+    elif name in SENTIMENT_DIRECTION:
         assert ev == {"kind": "sentiment", "direction": SENTIMENT_DIRECTION[name]}
     elif name in MARKER_CONCEPTS:
         assert ev == {"kind": "markers"}
@@ -270,3 +278,13 @@ def test_prompts_quiz(prompts):
         assert len(q["options"]) == 4 and len(set(q["options"])) == 4
         assert isinstance(q["answer"], int) and not isinstance(q["answer"], bool)
         assert 0 <= q["answer"] < len(q["options"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CONCEPTS))
+def test_concept_lexicon_categories_exist(concepts, name):
+    cats = concepts[name].get("lexicon")
+    if cats is None:
+        assert name not in LEXICON_CONCEPTS
+        return
+    assert cats and len(set(cats)) == len(cats)
+    assert set(cats) <= set(lexicon_categories())

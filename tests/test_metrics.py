@@ -151,3 +151,23 @@ def test_relative_raw_strength_round_trip():
     assert m.raw_strength(alpha, 27.96, 241.0) == pytest.approx(2.0)
     assert m.relative_strength(-4.0, 10.0, 100.0) == pytest.approx(0.4)
     assert m.relative_strength(m.raw_strength(0.3, 5.0, 150.0), 5.0, 150.0) == pytest.approx(0.3)
+
+
+def test_lexicon_rate_counts_category_words():
+    # "furious" and "rage" are Empath anger words; the other words are not
+    assert m.lexicon_rate("I am furious, full of rage!", ["anger"]) == pytest.approx(2 / 6)
+    assert m.lexicon_rate("I am furious, full of rage!", ["joy"]) == 0.0
+    assert m.lexicon_rate("", ["anger"]) == 0.0
+    # a word in several chosen categories counts once
+    both = m.lexicon_rate("furious", ["anger", "rage"])
+    assert both == 1.0
+
+
+def test_lexicon_rate_rejects_unknown_categories():
+    from mlx_steer.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="unknown lexicon"):
+        m.lexicon_rate("hello", ["no_such_category"])
+    with pytest.raises(InvalidArgumentError):
+        m.lexicon_rate("hello", [])
+    assert "anger" in m.lexicon_categories() and "zest" in m.lexicon_categories()
