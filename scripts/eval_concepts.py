@@ -12,8 +12,8 @@ is a calibration prompt) are generated in batched decodes, three rows per prompt
 Each row is scored (`mlx_steer.experiments.run`):
 - the concept's own metric: VADER compound (emotions, signed by the concept's
   direction), or the rate of its Empath emotion-lexicon words (the emotions for which
-  `scripts/select_metrics.py` chose it), words per answer (brief / verbose, signed,
-  at `--length-tokens`), marker-word rate (styles); VADER is shown for every concept;
+  `scripts/select_metrics.py` chose it), words per answer (brief / verbose, signed),
+  marker-word rate (styles); VADER is shown for every concept;
 - expression (every concept): mean log p(text | prompt + instruction) −
   mean log p(text | prompt) per token under the unsteered model, minus the same
   for the unsteered row of that prompt;
@@ -118,12 +118,6 @@ def random_control(lab) -> Concept:
     return apply_calibration(c, calibrate(lab, c))
 
 
-def budget_of(rule: dict | None, args) -> int:
-    """Tokens per answer for a concept: length concepts get `--length-tokens` (at the
-    shorter budget an unsteered answer already fills it, so a longer one cannot show)."""
-    return args.length_tokens if rule and rule.get("kind") == "length" else args.max_tokens
-
-
 # ---- statistics -------------------------------------------------------------------------
 
 def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
@@ -204,8 +198,7 @@ def report(model: str, results: list[dict], args, seconds: float,
                     "lexicon": "lexicon rate"}
     cmd = "python scripts/eval_concepts.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in
-        (("methods", args.methods), ("prompts", args.prompts), ("max_tokens", args.max_tokens),
-         ("length_tokens", args.length_tokens))
+        (("methods", args.methods), ("prompts", args.prompts), ("max_tokens", args.max_tokens))
     ) + (f" --model {args.model}" if args.model else "")
     for r in results:  # the current rule, also for results read back with --from-json
         for k in ("steered", "prompted"):
@@ -218,8 +211,7 @@ def report(model: str, results: list[dict], args, seconds: float,
         f"# Built-in concepts on {model}",
         "",
         f"Command: `{cmd}`. Greedy decoding, {args.prompts} evaluation prompts (none is a "
-        f"calibration prompt), at most {args.max_tokens} tokens ({args.length_tokens} for the "
-        f"length concepts, with their own unsteered rows). Each concept at its default "
+        f"calibration prompt), at most {args.max_tokens} tokens. Each concept at its default "
         "block and relative strength α (chosen by calibration, see README), next to the "
         "unsteered model and to the prompting baseline (the prompt plus the concept's "
         "instruction, unsteered). Changes are means of paired differences over prompts "
@@ -287,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated built-ins (and 'random', the control)")
     ap.add_argument("--prompts", type=int, default=24, help="evaluation prompts (≤ 24)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--length-tokens", type=int, default=128,
-                    help="tokens per answer for the length concepts (brief, verbose)")
     ap.add_argument("--out", default="docs/CONCEPTS_EVAL.md")
     ap.add_argument("--json", default=None, help="also write every record here")
     ap.add_argument("--merge", default=None, metavar="JSON",
@@ -320,17 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     concepts = [random_control(lab) if n == CONTROL else METHODS[m](lab, n)
                 for n, m in tqdm(jobs, desc="concepts (calibration when not cached)",
                                  unit="concept")]
-    budget = [budget_of(E.concept_eval(c), args) for c in concepts]
     recs: list[dict] = []
-    groups = [[j for j in range(len(jobs)) if budget[j] == b] for b in sorted(set(budget))]
-    for js in tqdm([g[i:i + args.group] for g in groups for i in range(0, len(g), args.group)],
-                   desc="evaluation", unit="group"):
-        recs += [{**r, "budget": budget[js[0]]} for r in evaluate_group(
-            lab, [(j, concepts[j], jobs[j][1] == methods[0]) for j in js], prompts,
-            budget[js[0]])]
-    bases = {b: {r["prompt"]: r for r in recs if r["is_baseline"] and r["budget"] == b}
-             for b in set(budget)}
-    base = bases[args.max_tokens] if args.max_tokens in bases else bases[budget[0]]
+    for start in tqdm(range(0, len(jobs), args.group), desc="evaluation", unit="group"):
+        group = [(j, concepts[j], jobs[j][1] == methods[0])
+                 for j in range(start, min(start + args.group, len(jobs)))]
+        recs += evaluate_group(lab, group, prompts, args.max_tokens)
+    base = {r["prompt"]: r for r in recs if r["is_baseline"]}
     for j, ((name, method), c) in enumerate(zip(jobs, concepts)):
         rule = E.concept_eval(c)
         steered = [r for r in recs if r.get("job") == j and r["kind"] == "eval"]
@@ -338,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append({
             "concept": name, "method": method, "layer": c.layer, "strength": c.strength,
             "calibration_steers": bool(c.extra.get("steers")), "kind": rule["kind"],
-            "max_tokens": budget[j],
-            "steered": summarise(rule, steered, bases[budget[j]]),
-            "prompted": summarise(rule, prompted, bases[budget[j]]) if prompted else None,
+            "steered": summarise(rule, steered, base),
+            "prompted": summarise(rule, prompted, base) if prompted else None,
             "base_sentiment": float(np.mean([b["sentiment"] for b in base.values()])),
             "example": steered[0]["text"]})
     records = [{**r, "method": jobs[r["job"]][1] if r.get("job") is not None else None}
