@@ -168,8 +168,8 @@ def test_text_metrics_known_values():
     assert X.concept_score({"kind": "markers"}, m) == m["marker_rate"]
     assert X.concept_score({"kind": "length", "direction": -1}, m) == -5
     lex = {"kind": "lexicon", "direction": 1, "categories": ["joy"]}
-    assert X.concept_score(lex, {**m, "text": "I am happy and joyful"}) == \
-        pytest.approx(M.lexicon_rate("I am happy and joyful", ["joy"])) > 0
+    score = X.concept_score(lex, {**m, "text": "I am happy and joyful"})
+    assert score == pytest.approx(M.lexicon_rate("I am happy and joyful", ["joy"])) and score > 0
     assert X.concept_score(None, m) is None
 
 
