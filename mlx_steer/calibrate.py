@@ -23,10 +23,8 @@ invalidates cached built-ins):
    over generated tokens, against the unsteered rows' text). Two signals, one
    from the text's likelihood and one from the model's activations: a random
    direction, whose text changes only by chance, rarely passes both.
-   The default is the STRONGEST coherent candidate that expresses (largest
-   α; among equal α the most expressive): visible steering needs the most
-   push that keeps the text coherent, and the expression score of 3 short
-   continuations is too noisy to rank candidates finely. When none does, the concept is reported as not
+   The default is the most expressive coherent candidate that expresses
+   (ties: the weaker α). When none does, the concept is reported as not
    steering (`steers=False`); its default is then its most expressive
    coherent candidate, or the weakest α at the middle block if none is coherent.
 
@@ -50,12 +48,12 @@ from .prompts import prompt_set
 if TYPE_CHECKING:
     from .lab import Lab
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 1
 BLOCK_FRACTIONS = (0.4, 0.5, 0.6)
-ALPHAS = (0.15, 0.2, 0.25, 0.3)
+ALPHAS = (0.1, 0.2, 0.3)
 N_PROMPTS = 3
 MAX_TOKENS = 20
-PPL_LIMIT = 1.6
+PPL_LIMIT = 1.5
 DISTINCT_LIMIT = 0.85
 EXPRESSION_MIN = 0.1
 PROJECTION_MIN = 0.005
@@ -123,7 +121,7 @@ def choose(grid: Sequence[dict], middle: int, weakest: float) -> tuple[int, floa
         return middle, weakest, False
     expressive = [g for g in coherent if expresses(g)]
     if expressive:
-        best = max(expressive, key=lambda g: (g["strength"], g["expression"]))
+        best = max(expressive, key=lambda g: (g["expression"], -g["strength"]))
         return best["layer"], best["strength"], True
     best = max(coherent, key=lambda g: (g["expression"], -g["strength"]))
     return best["layer"], best["strength"], False
