@@ -20,6 +20,11 @@
  * reuses it for every input row, split over the cores by output columns; OpenBLAS's
  * sgemm would pack the whole weight matrix first.
  *
+ * Small one-row products (up to ONE_ROW_SMALL weights: the attention's per-row, per-head
+ * products while decoding) run on the calling thread, in kernels here: OpenBLAS's sgemv
+ * splits those from 9216 elements (a context of 144 tokens) over its threads, whose
+ * hand-offs then cost more than the products.
+ *
  * Quantised twins: a float32 weight matrix that was expanded from affine-quantised
  * blocks (GGUF Q4_0 / Q4_1 / Q8_0: w = scale * q + bias per group of 32 along K) can be
  * registered with its quantised bytes (mlx_steer_twin_register). Products x @ W^T with
@@ -32,7 +37,7 @@
  * float32 (tests require identical greedy tokens and log-probabilities within 1e-3).
  *
  * Environment: MLX_STEER_SHIM_STATS=1 prints call counts to stderr at exit;
- * MLX_STEER_SHIM_SMALLM=0 turns the few-row kernel off; MLX_STEER_SHIM_THREADS=n sets
+ * MLX_STEER_SHIM_SMALLM=0 turns the few-row and small one-row kernels off; MLX_STEER_SHIM_THREADS=n sets
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
  * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
  * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
@@ -64,7 +69,7 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 static sgemm_fn real_sgemm;
 static void (*pypi_set_threads)(int); /* pending: PyPI OpenBLAS to 1 thread on first call */
 static sgemv_fn real_sgemv;
-static unsigned long n_gemv, n_gemm, n_small, n_twin;
+static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row;
 static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
@@ -76,8 +81,8 @@ static int twin_isa; /* quantised twins usable (AVX-512) */
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
                     "%lu few-row products to the small kernel, %lu to quantised twins, "
-                    "%lu passed to sgemm\n",
-            n_gemv, n_small, n_twin, n_gemm);
+                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel\n",
+            n_gemv, n_small, n_twin, n_gemm, n_row);
 }
 
 static int env_int(const char *name, int dflt) {
@@ -141,6 +146,7 @@ static void zero(float *y, int n, int inc) {
 
 /* ---- few-row kernel: C[m, n] = alpha * dot(A[m, :], B[n, :]) + beta * C[m, n] ---------- */
 #define SMALL_M_MAX 12
+#define ONE_ROW_SMALL (1L << 18) /* one-row products up to this many weights: here */
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
@@ -217,13 +223,48 @@ static inline void put(float *c, float s, float alpha, float beta) {
 typedef void (*cols_fn)(int, int, int, int, float, const float *, int, const float *, int,
                         float, float *, int);
 
+/* c[n] = alpha * sum_k x[k] * B[k, n] + beta * c[n] for a small B (K x N, row-major): the
+ * attention's probabilities times its values, one row and head at a time. Each column's
+ * sum runs over k in order, whatever N. */
+#define ROW_TIMES(NAME, ATTR, VT, W)                                                       \
+    ATTR static void NAME(int N, int K, float alpha, const float *x, const float *B,       \
+                          int ldb, float beta, float *C) {                                 \
+        enum { CH = 8 * W };                                                               \
+        for (int n0 = 0; n0 < N; n0 += CH) {                                               \
+            const int nn = N - n0 < CH ? N - n0 : CH, nv = nn - nn % W;                    \
+            VT acc[8] = {{0}};                                                             \
+            float tail[W] = {0};                                                           \
+            for (int k = 0; k < K; k++) {                                                  \
+                const float a = x[k], *b = B + (size_t)k * ldb + n0;                       \
+                VT av = a - (VT){0}, v;                                                    \
+                for (int j = 0; j < nv; j += W) {                                          \
+                    memcpy(&v, b + j, sizeof v);                                           \
+                    acc[j / W] += av * v;                                                  \
+                }                                                                          \
+                for (int j = nv; j < nn; j++) tail[j - nv] += a * b[j];                    \
+            }                                                                              \
+            float s[CH];                                                                   \
+            memcpy(s, acc, sizeof(float) * nv);                                            \
+            for (int j = nv; j < nn; j++) s[j] = tail[j - nv];                             \
+            for (int j = 0; j < nn; j++) put(C + n0 + j, s[j], alpha, beta);               \
+        }                                                                                  \
+    }
+
+typedef void (*row_fn)(int, int, float, const float *, const float *, int, float, float *);
+
 SMALLM_COLS(cols_generic, , v8, 8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8)
 SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
 #endif
+ROW_TIMES(row_generic, , v8, 8)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ROW_TIMES(row_avx2, __attribute__((target("avx2,fma"))), v8, 8)
+ROW_TIMES(row_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
+#endif
 
 static cols_fn smallm_cols = cols_generic;
+static row_fn row_times = row_generic;
 
 static void pick_kernel(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -234,6 +275,7 @@ static void pick_kernel(void) {
     if (s && strcmp(s, "generic") == 0) avx2 = avx512 = 0;
     if (s && strcmp(s, "avx2") == 0) avx512 = 0;
     smallm_cols = avx512 ? cols_avx512 : avx2 ? cols_avx2 : cols_generic;
+    row_times = avx512 ? row_avx512 : avx2 ? row_avx2 : row_generic;
     twin_isa = avx512 && __builtin_cpu_supports("avx512bw");
     s = getenv("MLX_STEER_SHIM_TWINS");
     if (s && strcmp(s, "0") == 0) twin_isa = 0;
@@ -585,6 +627,15 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                 return;
             }
             if (t) twin_release();
+        }
+        if (M == 1 && ta == NoTrans && smallm && (long)N * K <= ONE_ROW_SMALL) {
+            /* A small one-row product (attention, per row and head): here, on this thread.
+               OpenBLAS's sgemv splits those above 9216 elements (a context of 144 tokens)
+               over its threads, which then spend more time waiting than computing. */
+            if (tb == Trans) smallm_cols(1, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            else row_times(N, K, alpha, A, B, ldb, beta, C);
+            if (stats) __atomic_fetch_add(&n_row, 1, __ATOMIC_RELAXED);
+            return;
         }
         if (M == 1) {
             /* c[n] = alpha * sum_k a[k] * op(B)[k, n] + beta * c[n] */
