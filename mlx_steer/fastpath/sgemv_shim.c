@@ -492,9 +492,13 @@ static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
 }
 #endif
 
-/* A small pool of persistent workers; the calling thread takes the first share. */
+/* A small pool of persistent workers sharing each product with the calling thread.
+ * The output columns are cut into chunks that the threads claim one at a time, so that
+ * a worker the scheduler has not run yet (other jobs on the cores) leaves its chunks to
+ * the others instead of making the caller wait: the caller waits only for chunks a
+ * worker has started. Every column is computed by the same code whoever claims it. */
 struct job {
-    int M, N, K, lda, ldb, ldc, parts;
+    int M, N, K, lda, ldb, ldc, chunk, chunks;
     float alpha, beta;
     const float *A, *B;
     float *C;
@@ -505,16 +509,35 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
 static unsigned long pool_gen;
-static int pool_pending, pool_size; /* workers started */
+/* (generation << 32) | next chunk: a claim is valid only for the job it was made for */
+static unsigned long long pool_next;
+static int pool_finished; /* chunks of the current job completed */
+static int pool_size;     /* workers started */
 
-static void run_part(const struct job *j, int part) {
-    int per = ((j->N + j->parts - 1) / j->parts + 3) & ~3;
-    int n0 = part * per, n1 = n0 + per < j->N ? n0 + per : j->N;
+static void run_chunk(const struct job *j, int c) {
+    int n0 = c * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
     if (n0 < n1 && j->t)
         twin_cols(j->t, j->M, n0, n1, j->alpha, j->A, j->lda, j->beta, j->C, j->ldc);
     else if (n0 < n1)
         smallm_cols(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C,
                     j->ldc);
+}
+
+/* Claim and compute chunks of job generation `gen` until none is left. */
+static void run_chunks(const struct job *j, unsigned long gen) {
+    for (;;) {
+        unsigned long long v = __atomic_load_n(&pool_next, __ATOMIC_ACQUIRE);
+        if ((v >> 32) != (gen & 0xFFFFFFFFUL) || (int)(v & 0xFFFFFFFFU) >= j->chunks) return;
+        if (!__atomic_compare_exchange_n(&pool_next, &v, v + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        run_chunk(j, (int)(v & 0xFFFFFFFFU));
+        if (__atomic_add_fetch(&pool_finished, 1, __ATOMIC_ACQ_REL) == j->chunks) {
+            pthread_mutex_lock(&pool_mu);
+            pthread_cond_broadcast(&pool_done);
+            pthread_mutex_unlock(&pool_mu);
+        }
+    }
 }
 
 static inline void cpu_relax(void) {
@@ -526,7 +549,7 @@ static inline void cpu_relax(void) {
 /* Workers poll for the next job a little (a product every few tens of microseconds while
  * decoding) before sleeping: a futex wake-up costs about as much as a small product. */
 static void *worker(void *arg) {
-    int part = (int)(long)arg;
+    (void)arg;
     unsigned long seen = 0;
     for (;;) {
         for (int i = 0; i < spin && __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen; i++)
@@ -536,11 +559,7 @@ static void *worker(void *arg) {
         seen = pool_gen;
         struct job j = job;
         pthread_mutex_unlock(&pool_mu);
-        if (part < j.parts) run_part(&j, part);
-        pthread_mutex_lock(&pool_mu);
-        if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0)
-            pthread_cond_signal(&pool_done);
-        pthread_mutex_unlock(&pool_mu);
+        run_chunks(&j, seen);
     }
     return NULL;
 }
@@ -551,7 +570,6 @@ static void after_fork_child(void) {  /* workers do not survive fork() */
     pthread_cond_init(&pool_go, NULL);
     pthread_cond_init(&pool_done, NULL);
     pool_size = 0;
-    pool_pending = 0;
 }
 
 static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int lda,
@@ -570,22 +588,30 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
             pthread_atfork(NULL, NULL, after_fork_child);
         }
         while (pool_size < parts - 1) {
-            pthread_t t;
-            if (pthread_create(&t, NULL, worker, (void *)(long)(pool_size + 1)) != 0) break;
-            pthread_detach(t);
+            pthread_t th;
+            if (pthread_create(&th, NULL, worker, NULL) != 0) break;
+            pthread_detach(th);
             pool_size++;
         }
-        if (pool_size + 1 < parts) parts = pool_size + 1;
-        job = (struct job){M, N, K, lda, ldb, ldc, parts, alpha, beta, A, B, C, t};
-        __atomic_store_n(&pool_pending, pool_size, __ATOMIC_RELEASE);
-        __atomic_add_fetch(&pool_gen, 1, __ATOMIC_ACQ_REL);
-        pthread_cond_broadcast(&pool_go);
+        /* about 4 chunks per thread, whole blocks of 4 columns */
+        int chunk = ((N + 4 * parts - 1) / (4 * parts) + 3) & ~3;
+        job = (struct job){M, N, K, lda, ldb, ldc, chunk, (N + chunk - 1) / chunk,
+                           alpha, beta, A, B, C, t};
+        unsigned long gen = pool_gen + 1;
+        __atomic_store_n(&pool_finished, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_next, (unsigned long long)(gen & 0xFFFFFFFFUL) << 32,
+                         __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_gen, gen, __ATOMIC_RELEASE);
+        if (pool_size > 0) pthread_cond_broadcast(&pool_go);
         pthread_mutex_unlock(&pool_mu);
-        run_part(&job, 0);
-        for (int i = 0; i < spin && __atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0; i++)
+        struct job mine = job;
+        run_chunks(&mine, gen);
+        for (int i = 0; i < spin && __atomic_load_n(&pool_finished, __ATOMIC_ACQUIRE) <
+                                        mine.chunks; i++)
             cpu_relax();
         pthread_mutex_lock(&pool_mu);
-        while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+        while (__atomic_load_n(&pool_finished, __ATOMIC_ACQUIRE) < mine.chunks)
+            pthread_cond_wait(&pool_done, &pool_mu);
         pthread_mutex_unlock(&pool_mu);
         pthread_mutex_unlock(&call_mu);
         return;
