@@ -966,7 +966,8 @@ def bench_reference(lab, args) -> None:
                 note=f"llama.cpp steered (control vector) "
                      f"{llama['decode_steered']['decode_tps']:.1f} tok/s; its weights "
                      f"{llama.get('bandwidth', {}).get('bytes_per_token', 0) / 1e6:.0f} "
-                     "MB/token")
+                     "MB/token" + (f"; {llama['meta']['extra_bufts_note']}"
+                                   if llama.get("meta", {}).get("extra_bufts_note") else ""))
         if OURS.get("sweep8_s"):
             speed = var["seconds"] / OURS["sweep8_s"]
             row("7 vs llama.cpp", f"{len(var['layers'])} layer variants, "
