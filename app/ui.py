@@ -17,7 +17,8 @@ import streamlit as st
 import mlx_steer
 from mlx_steer import lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import Library, read_json, validate_name
+from mlx_steer.concept import validate_name
+from mlx_steer.files import read_json
 
 import state
 
@@ -73,14 +74,14 @@ def show_error(e: Exception) -> None:
 def concept_ready(lab: mlx_steer.Lab, name: str) -> bool:
     """True when using `name` needs no extraction (library or cached built-in)."""
     try:
-        return name in lab.library or name in Library(lab.fingerprint, lab.name, sub="builtin")
+        return lab.concepts.is_ready(name)
     except MlxSteerError:
         return False
 
 
 def concept_select(lab: mlx_steer.Lab, key: str, label: str = "Concept",
                    default: str = "happy", help: str | None = None) -> str:
-    names = lab.concepts()
+    names = lab.concepts.names()
     if key in st.session_state and st.session_state[key] not in names:
         del st.session_state[key]
     index = names.index(default) if default in names else 0

@@ -55,8 +55,10 @@ import numpy as np
 
 from . import distributed
 from . import metrics as M
-from .concept import Concept
+from .catalogue import BUILTINS, builtin_spec
+from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
+from .models import base
 from .prompts import default_instruction, neutral_prompts, with_instruction
 from .steer import Positions, Steer, as_steers
 
@@ -116,8 +118,6 @@ def resolve(lab: "Lab", concept: ConceptLike) -> Concept:
 
 
 def _spec(name: str) -> dict | None:
-    from .library import BUILTINS, builtin_spec
-
     return builtin_spec(name) if name in BUILTINS else None
 
 
@@ -291,8 +291,6 @@ def score_passes(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_
     last `n_gen` positions) for every probe. Only the probed layers are captured,
     and only the targets' log-probabilities leave MLX.
     """
-    from .models import base
-
     vocab = int(getattr(lab.model.args, "vocab_size", 0) or 32000)
     for chunk in _chunks(entries, batch, vocab):
         width = max(len(e.tokens) for e in chunk)
@@ -754,8 +752,6 @@ def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mappin
     resolved = [(resolve(lab, c), float(w)) for c, w in items]
     if all(w == 0 for _, w in resolved):
         raise InvalidArgumentError("every mix weight is 0")
-    from .library import validate_name
-
     if name is None:  # a name the library accepts (no dots): mix-happy70-excited30
         import re
 
@@ -765,7 +761,7 @@ def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mappin
     mixed = Concept.mix(resolved, normalize=normalize, name=validate_name(name))
     heaviest = max(resolved, key=lambda cw: abs(cw[1]))[0]
     wsum = sum(abs(w) for _, w in resolved)
-    mixed.layer = heaviest.layer if layer is None else mixed._layer(layer)
+    mixed.layer = heaviest.layer if layer is None else mixed.check_layer(layer)
     mixed.strength = (sum(abs(w) * c.strength for c, w in resolved) / wsum
                       if strength is None else float(strength))
     markers = concept_markers(mixed)

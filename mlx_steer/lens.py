@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import metrics
+from .activations import capture
 from .steer import Steer, SteerLike, as_steers
 
 # ---- depth bands -------------------------------------------------------------
@@ -128,8 +129,6 @@ def residual_norms(lab, texts: Sequence[str] | str, chat: bool = False) -> np.nd
     Position 0 (and any massive-activation position) is excluded;
     the same measure concepts use for relative strength.
     """
-    from .extract import capture
-
     if isinstance(texts, str):
         texts = [texts]
     if not texts:

@@ -8,7 +8,7 @@ import state
 import ui
 from mlx_steer import charts, lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import builtin_spec
+from mlx_steer.catalogue import builtin_spec
 
 from ui import MAX_PAIRS, parse_pairs, parse_upload
 
@@ -162,7 +162,7 @@ if concept is not None:
         st.success(f"Saved “{concept.name}”: it is now in every page's concept list.")
     else:
         overwrite = True
-        if concept.name in lab.concepts():
+        if concept.name in lab.concepts.names():
             overwrite = st.checkbox(f"“{concept.name}” already exists: replace it",
                                     key="creator_overwrite")
         if st.button("Save to library", icon=":material/save:", key="creator_save_btn",

@@ -179,7 +179,7 @@ with tab_mix:
     m_metric = metric_select("exp_mix_metric")
 
     parts, problems = [], []
-    known = set(lab.concepts())
+    known = set(lab.concepts.names())
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue

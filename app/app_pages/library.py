@@ -11,7 +11,8 @@ import state
 import ui
 from mlx_steer import Concept, charts, lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import builtin_spec, validate_name
+from mlx_steer.catalogue import builtin_spec
+from mlx_steer.concept import validate_name
 
 MAX_GGUF = ui.MAX_GGUF
 
@@ -28,7 +29,7 @@ def row(name: str) -> dict:
     saved = name in lab.library
     out = {"name": name, "source": "library" if saved else "built-in",
            "status": "ready" if ready else "not extracted yet"}
-    if not ready and name in lab.builtins():
+    if not ready and name in lab.concepts.builtins():
         spec = builtin_spec(name)
         out.update(category=spec.get("category"), pairs=len(spec.get("pairs", [])))
     if ready:
@@ -42,7 +43,7 @@ def row(name: str) -> dict:
     return out
 
 
-names = lab.concepts()
+names = lab.concepts.names()
 table = [row(n) for n in names]
 st.session_state["library_table"] = table
 st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
@@ -177,7 +178,7 @@ with tab_delete:
         sure = st.checkbox(f"Yes, delete “{del_name}”", key="lib_delete_sure")
         if st.button("Delete", key="lib_delete_btn", disabled=not sure):
             try:
-                lab.delete_concept(del_name)
+                lab.concepts.delete(del_name)
                 st.session_state["lib_deleted"] = del_name
                 st.session_state.pop("lib_delete_sure", None)
                 st.rerun()

@@ -92,8 +92,8 @@ st.subheader("Concept map")
 st.markdown("All concepts' vectors at one block: a 2-D PCA of their directions (unit "
             "vectors, same block for all — not mixed with activations or other blocks) and "
             "their pairwise cosine similarities.")
-ready = [n for n in lab.concepts() if ui.concept_ready(lab, n)]
-missing = [n for n in lab.builtins() if not ui.concept_ready(lab, n)]
+ready = [n for n in lab.concepts.names() if ui.concept_ready(lab, n)]
+missing = [n for n in lab.concepts.builtins() if not ui.concept_ready(lab, n)]
 if st.session_state.get("viz_map_ready") != ready:  # new concepts: offer them all again
     st.session_state["viz_map_ready"] = ready
     st.session_state.pop("viz_map_concepts", None)
