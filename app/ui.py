@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
-import tempfile
 from collections.abc import Iterator
 from importlib import resources
-from pathlib import Path
 
 import altair as alt
 import streamlit as st
@@ -17,10 +13,8 @@ import streamlit as st
 import mlx_steer
 from mlx_steer import lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.concept import validate_name
-from mlx_steer.files import read_json
 
-import state
+from . import state
 
 STAGE_ICONS = {"early": ":material/text_fields:", "middle-early": ":material/lightbulb:",
                "middle-late": ":material/adjust:", "late": ":material/edit_note:"}
@@ -286,79 +280,3 @@ def injection_summary(concept: mlx_steer.Concept, layer: int, strength: float,
         "median ‖h‖ at layer": round(float(concept.norms[layer]), 2),
         "positions": positions,
     }
-
-
-# ---- uploads -------------------------------------------------------------------------
-
-MAX_PAIRS_UPLOAD = 1 * 2**20  # 1 MiB of pairs is thousands of pairs
-MAX_PAIRS = 512
-MAX_GGUF = 16 * 2**20  # a 32-layer × 8192-wide float32 control vector is 1 MiB
-
-
-def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """One pair per line: `positive | negative` (a tab also separates)."""
-    pairs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        sep = "|" if "|" in line else "\t" if "\t" in line else None
-        if sep is None:
-            raise ValueError(f"line {n} has no '|' between the positive and negative text")
-        pos, neg = (s.strip() for s in line.split(sep, 1))
-        if not pos or not neg:
-            raise ValueError(f"line {n}: both sides of the pair must be non-empty")
-        pairs.append((pos, neg))
-    return pairs
-
-
-def parse_upload(name: str, data: bytes) -> list[tuple[str, str]]:
-    """JSON (list of pairs, or {"pairs": [...]}, or objects with positive/negative),
-    JSONL, CSV/TSV with two columns, or text with `positive | negative` lines."""
-    if len(data) > MAX_PAIRS_UPLOAD:
-        raise ValueError(f"{name} is {len(data) / 2**20:.1f} MiB; the limit is 1 MiB")
-    text = data.decode("utf-8")
-    low = name.lower()
-
-    def norm(item) -> tuple[str, str]:
-        if isinstance(item, dict):
-            item = (item.get("positive"), item.get("negative"))
-        if not (isinstance(item, (list, tuple)) and len(item) == 2
-                and all(isinstance(s, str) and s.strip() for s in item)):
-            raise ValueError(f"not a pair of two non-empty texts: {str(item)[:80]}")
-        return item[0].strip(), item[1].strip()
-
-    if low.endswith(".json"):
-        obj = read_json(text, name)  # CorruptFileError (a ValueError) if nested too deep
-        items = obj.get("pairs") if isinstance(obj, dict) else obj
-        if not isinstance(items, list):
-            raise ValueError("the JSON must be a list of pairs or an object with 'pairs'")
-        return [norm(i) for i in items]
-    if low.endswith(".jsonl"):
-        return [norm(read_json(line, name)) for line in text.splitlines() if line.strip()]
-    if low.endswith((".csv", ".tsv")):
-        rows = [r for r in csv.reader(io.StringIO(text),
-                                      delimiter="\t" if low.endswith(".tsv") else ",") if r]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["positive", "negative"]:
-            rows = rows[1:]
-        return [norm(r[:2]) for r in rows]
-    return parse_pairs(text)
-
-
-def import_control_vector(lab: mlx_steer.Lab, filename: str, data: bytes,
-                          name: str | None = None) -> mlx_steer.Concept:
-    """Validate an uploaded llama.cpp control vector and save it as a concept.
-
-    Refuses files over `MAX_GGUF`, unsafe names, corrupt files and vectors of another
-    model's size or depth (typed errors from `Concept.from_gguf`)."""
-    if len(data) > MAX_GGUF:
-        raise ValueError(f"{filename} is {len(data) / 2**20:.1f} MiB; the limit is "
-                         f"{MAX_GGUF // 2**20} MiB")
-    nm = validate_name(name or Path(filename).stem.replace(".", "_"))
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "upload.gguf"
-        path.write_bytes(data)
-        with state.model_lock():
-            concept = mlx_steer.Concept.from_gguf(path, lab, name=nm)
-    lab.save_concept(concept)
-    return concept

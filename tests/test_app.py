@@ -80,10 +80,7 @@ def chart_with(at, *columns: str, exact: bool = False) -> pd.DataFrame:
 
 def lab():
     """The app's own cached model (st.cache_resource persists across AppTests)."""
-    import sys
-
-    sys.path.insert(0, str(APP.parent))
-    import state
+    from app import state
 
     return state._load(None)
 
@@ -484,10 +481,8 @@ def test_stream_lock_is_released_when_a_stream_is_abandoned():
     """A stream holds the model lock only while it runs: closing it (what Streamlit does
     when the user navigates away and the script stops) or dropping it releases it."""
     import gc
-    import sys
 
-    sys.path.insert(0, str(APP.parent))
-    import state
+    from app import state
 
     lock = state._lock()
     m = lab()
@@ -511,33 +506,9 @@ def test_stream_lock_is_released_when_a_stream_is_abandoned():
 
 
 def _ui():
-    import sys
+    from app import uploads
 
-    sys.path.insert(0, str(APP.parent))
-    import ui
-
-    return ui
-
-
-def test_pair_uploads_are_parsed_and_validated():
-    ui = _ui()
-    want = [("I am glad", "I am here"), ("What joy", "What news")]
-    as_json = json.dumps([list(p) for p in want]).encode()
-    assert ui.parse_upload("p.json", as_json) == want
-    assert ui.parse_upload("p.json", json.dumps(
-        {"pairs": [{"positive": p, "negative": n} for p, n in want]}).encode()) == want
-    assert ui.parse_upload("p.jsonl", b"\n".join(json.dumps(list(p)).encode()
-                                                  for p in want)) == want
-    assert ui.parse_upload("p.csv", b"positive,negative\nI am glad,I am here\n"
-                                    b"What joy,What news\n") == want
-    assert ui.parse_upload("p.txt", b"I am glad | I am here\n# note\nWhat joy | What news") \
-        == want
-    with pytest.raises(ValueError, match="limit"):
-        ui.parse_upload("p.txt", b"a | b\n" * (ui.MAX_PAIRS_UPLOAD // 6 + 1))
-    with pytest.raises(ValueError, match="non-empty"):
-        ui.parse_upload("p.json", b'[["only one"]]')
-    with pytest.raises(ValueError, match="no '\\|'"):
-        ui.parse_pairs("no separator")
+    return uploads
 
 
 def test_control_vector_import_round_trip_and_refusals(tmp_path):

@@ -1,16 +1,12 @@
 """Concept creator: contrast pairs in, a concept for every layer out, previewed and saved."""
 
-import json
-
 import streamlit as st
 
-import state
-import ui
-from mlx_steer import charts, lens
-from mlx_steer.errors import MlxSteerError
+from app import state, ui
+from app.uploads import MAX_PAIRS
+from mlx_steer import charts, lens, pairs as pair_files
 from mlx_steer.catalogue import builtin_spec
-
-from ui import MAX_PAIRS, parse_pairs, parse_upload
+from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()
 L = lab.num_layers
@@ -70,13 +66,14 @@ with st.expander("Tips for good concepts"):
 pairs: list[tuple[str, str]] = []
 problems: list[str] = []
 try:
-    pairs = parse_pairs(st.session_state.get("creator_pairs", ""))
+    pairs = pair_files.parse_lines(st.session_state.get("creator_pairs", ""))
 except ValueError as e:
     problems.append(str(e))
 if upload is not None:
     try:
-        pairs += parse_upload(upload.name, upload.getvalue())
-    except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        pairs += pair_files.parse_bytes(upload.getvalue(), upload.name,
+                                        limit=pair_files.MAX_BYTES)
+    except ValueError as e:  # every parse error is typed (InvalidArgument/CorruptFile)
         problems.append(f"{upload.name}: {e}")
 if len(pairs) > MAX_PAIRS:
     problems.append(f"{len(pairs)} pairs; the limit is {MAX_PAIRS}")

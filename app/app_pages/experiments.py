@@ -4,8 +4,7 @@ batched decode with a baseline row and measured metrics."""
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts
 from mlx_steer.errors import MlxSteerError
 

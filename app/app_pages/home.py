@@ -2,8 +2,7 @@
 
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()

@@ -5,8 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts
 from mlx_steer.errors import MlxSteerError
 

@@ -5,8 +5,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts, lens, metrics
 from mlx_steer.errors import MlxSteerError
 

@@ -7,14 +7,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui, uploads
 from mlx_steer import Concept, charts, lens
-from mlx_steer.errors import MlxSteerError
 from mlx_steer.catalogue import builtin_spec
 from mlx_steer.concept import validate_name
+from mlx_steer.errors import MlxSteerError
 
-MAX_GGUF = ui.MAX_GGUF
+MAX_GGUF = uploads.MAX_GGUF
 
 lab = state.lab()
 L = lab.num_layers
@@ -141,7 +140,7 @@ with tab_import:
                              placeholder="defaults to the file name")
     if st.button("Import", key="lib_import_btn", disabled=up is None):
         try:
-            c = ui.import_control_vector(lab, up.name, up.getvalue(), imp_name or None)
+            c = uploads.import_control_vector(lab, up.name, up.getvalue(), imp_name or None)
             st.session_state["lib_imported"] = c.name
             st.success(f"Imported “{c.name}”: strongest at block {c.layer}, α = {c.strength:.3g}.")
         except (MlxSteerError, ValueError) as e:

@@ -3,8 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()

@@ -3,8 +3,7 @@ a concept map and the concepts' cosine matrix."""
 
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts, lens
 from mlx_steer.errors import MlxSteerError
 

@@ -9,7 +9,6 @@ Modules read a variable through `flag`, `text` or `number` with its name from
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("MLX_STEER_WEIGHT_CACHE", "1",
             "keep expanded GGUF weights on disk so later starts skip the expansion",
             "python"),
-    Setting("MLX_STEER_DIST_TIMEOUT", "120",
+    Setting("MLX_STEER_DIST_TIMEOUT", "1800",
             "seconds a distributed rank waits for the others before DistributedError",
             "python"),
     Setting("MLX_STEER_APP_WARMUP", "1", "the app warms up the model and 'happy' at start",
@@ -54,6 +53,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "shim"),
     Setting("MLX_STEER_SHIM_ISA", "", "cap the shim's instruction set: avx2 or generic",
             "shim"),
+    Setting("MLX_STEER_SHIM_TWIN_SPLIT", "2",
+            "rows from which the shim splits quantised-twin products over threads", "shim"),
     Setting("MLX_STEER_SHIM_SPIN", "1000",
             "polls of an idle shim thread before it sleeps (0: never)", "shim"),
     Setting("MLX_STEER_FAULT_KILLS", "4", "processes the fault-injection tests kill", "tests"),
@@ -108,7 +109,3 @@ def table() -> str:
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4]  # noqa: E731
     return "\n".join([line(head)] + [line(r) for r in rows])
 
-
-if __name__ == "__main__":
-    print(table())
-    sys.exit(0)
