@@ -60,9 +60,12 @@ def capture(lab: "Lab", texts: Sequence[str], read: str = "last", chat: bool = F
     return np.stack(pooled).astype(np.float32), norms.astype(np.float32)
 
 
-def residual_norms(lab: "Lab", texts: Sequence[str] | None = None, chat: bool = True
+def residual_norms(lab: "Lab", texts: Sequence[str] | str | None = None, chat: bool = True
                    ) -> np.ndarray:
     """Median residual token norm per layer, float32 (L,), over `texts` (default: the
     neutral prompts, chat-templated); position 0 and massive positions excluded. The
     norm that turns a relative strength (alpha) into a raw scale."""
-    return capture(lab, list(neutral_prompts() if texts is None else texts), "last", chat)[1]
+    texts = neutral_prompts() if texts is None else [texts] if isinstance(texts, str) else texts
+    if not texts:
+        raise InvalidArgumentError("residual norms need at least one text")
+    return capture(lab, list(texts), "last", chat)[1]

@@ -9,8 +9,9 @@ one-line delegators (`lab.concept`, `lab.extract`, `lab.save_concept`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from .activations import Progress
 from .calibrate import CALIBRATION_VERSION
 from .catalogue import BUILTINS, builtin_spec, spec_digest
 from .concept import Concept, validate_name
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .lab import Lab
-
-Progress = Callable[[int, int], None]
 
 
 def builtin_digest(name: str) -> str:

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 Progress = activations.Progress
 DEFAULT_LAYER_FRACTION = 2 / 3
-DEFAULT_STRENGTHS = (2.0,)  # raw multiples; the paper's best are 2 and 4
+DEFAULT_SCALES = (2.0,)  # raw multipliers of the word vector; the paper's best are 2 and 4
 
 # Phrases added to the JSON's negative list: refusals and denials that the
 # JSON list does not cover ("I don't have the ability to ...", "As an AI ...").
@@ -428,9 +428,9 @@ def _decode(lab: "Lab", rows: Sequence[_Row], max_tokens: int, temperature: floa
     return texts
 
 
-def run(lab: "Lab", trials: int = 20, layer: int | None = None,
+def detection_test(lab: "Lab", trials: int = 20, layer: int | None = None,
         layer_fraction: float = DEFAULT_LAYER_FRACTION,
-        strengths: Sequence[float] = DEFAULT_STRENGTHS, relative: bool = False,
+        strengths: Sequence[float] = DEFAULT_SCALES, relative: bool = False,
         control_trials: int | None = None, yes_bias: int = 20, max_tokens: int = 100,
         temperature: float = 1.0, seed: int | None = 0, batch_size: int = 16,
         words: Sequence[str] | None = None, baseline_words: Sequence[str] | None = None,

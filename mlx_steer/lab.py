@@ -166,8 +166,8 @@ class Lab:
         """Next-token logits at every position: float32 (T, vocab)."""
         return self.trace(text, steer, chat).logits
 
-    def hidden_states_batch(self, texts: Sequence[str], chat: bool = False,
-                            steer: SteerLike = None) -> list[np.ndarray]:
+    def hidden_states_batch(self, texts: Sequence[str], steer: SteerLike = None,
+                            chat: bool = False) -> list[np.ndarray]:
         """Block outputs of many texts in one left-padded forward pass.
 
         Returns one float32 (num_layers, T_i, D) array per text, padding removed.

@@ -6,22 +6,13 @@ import streamlit as st
 
 from app import state, ui
 from mlx_steer import charts
+from mlx_steer import experiments as ex
 from mlx_steer.errors import MlxSteerError
-
-try:
-    from mlx_steer import experiments as ex
-except ImportError:  # pragma: no cover - shown in the page instead
-    ex = None
 
 lab = state.lab()
 L = lab.num_layers
 
 st.title(":material/science: Experiments")
-if ex is None:
-    st.warning("This page requires `mlx_steer.experiments` (layer analysis, strength explorer, "
-               "mixing), which is not installed in this build.")
-    st.stop()
-
 st.markdown(
     "Every experiment runs all its variants **and an unsteered baseline** as rows of one "
     "batched generation with the same seed, so rows differ only by their steering. Each row "

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state, ui
-from mlx_steer import charts, lens, metrics
+from mlx_steer import activations, charts, lens, metrics
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()
@@ -38,7 +38,7 @@ with tab_layers:
                      hide_index=True, width="stretch")
     st.markdown("#### The residual stream grows with depth")
     neutral = ui.prompts_data()["neutral"]
-    norms = state.memo(lab, ("residual_norms",), lambda: lens.residual_norms(lab, neutral))
+    norms = state.memo(lab, ("residual_norms",), lambda: activations.residual_norms(lab, neutral, chat=False))
     st.session_state["learn_norms"] = norms
     ui.chart(charts.norm_per_layer(norms, "Median token norm ‖h‖ after each block "
                                    "(position 0 excluded)"), key="learn_norm_chart")

@@ -85,10 +85,10 @@ def cmd_introspect(args: argparse.Namespace) -> int:
         raise UsageError("--words is empty")
     lab = S.lab(args)
     S.check_layers(lab, args.layer)
-    strengths = args.strength if args.strength is not None else list(I.DEFAULT_STRENGTHS)
+    strengths = args.strength if args.strength is not None else list(I.DEFAULT_SCALES)
     relative = args.strength is not None and not args.raw
     with Bar(args, "introspection", "row") as bar:
-        report = I.run(lab, trials=args.trials, layer=args.layer,
+        report = I.detection_test(lab, trials=args.trials, layer=args.layer,
                        layer_fraction=args.layer_fraction, strengths=strengths,
                        relative=relative, control_trials=args.control_trials,
                        yes_bias=args.yes_bias, max_tokens=args.max_tokens,
