@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from importlib import resources
 
 import altair as alt
@@ -53,6 +52,12 @@ def text_box(text: str, placeholder=None, cursor: bool = False, empty: str = "â€
         "rgba(128,128,128,.35);border-radius:.5rem;padding:.6rem .8rem;min-height:3rem;"
         f"font-size:.95rem'>{body}{'â–Œ' if cursor else ''}</div>",
         unsafe_allow_html=True)
+
+
+def empty_boxes(slots, note: str) -> None:
+    """Each text box of `slots` empty, showing `note` (what to press)."""
+    for slot in slots:
+        text_box("", slot, empty=note)
 
 
 def show_error(e: Exception) -> None:
@@ -118,6 +123,21 @@ def apply_concept_defaults(prefix: str, concept: mlx_steer.Concept) -> None:
                                                       RAW_LIMIT))
 
 
+def steering_concept(lab: mlx_steer.Lab, prefix: str, column) -> mlx_steer.Concept:
+    """The page's concept: its select box `<prefix>_concept` drawn in `column`, loaded
+    (the page stops with the error if it cannot be), its recommended block and
+    strength put into the page's `<prefix>_` controls."""
+    with column:
+        name = concept_select(lab, f"{prefix}_concept")
+    try:
+        concept = get_concept(lab, name)
+    except MlxSteerError as e:
+        show_error(e)
+        st.stop()
+    apply_concept_defaults(prefix, concept)
+    return concept
+
+
 def layer_slider(lab: mlx_steer.Lab, key: str, label: str = "Layer (block)",
                  default: int | None = None, help: str | None = None) -> int:
     """A block slider sized from the loaded model."""
@@ -160,53 +180,7 @@ def strength_controls(concept: mlx_steer.Concept, layer: int, prefix: str) -> tu
     return raw, False
 
 
-# ---- streaming ------------------------------------------------------------------
-
-
-def stream_pair(lab: mlx_steer.Lab, prompt: str, steer, slots, max_tokens: int,
-                temperature: float = 0.0, seed: int | None = 0,
-                labels: tuple[str, str] = ("", "")) -> tuple[str, str]:
-    """Stream the unsteered and steered continuations side by side, interleaved token
-    by token, with the same seed. The model lock is held inside the generator; a
-    stopped script closes it and releases the lock."""
-    texts = ["", ""]
-
-    def both() -> Iterator[tuple[int, str]]:
-        gens = [lab.stream(prompt, None, max_tokens, temperature, seed),
-                lab.stream(prompt, steer, max_tokens, temperature, seed)]
-        live = [True, True]
-        try:
-            while any(live):
-                for i, g in enumerate(gens):
-                    if live[i]:
-                        try:
-                            yield i, next(g)
-                        except StopIteration:
-                            live[i] = False
-        finally:
-            for g in gens:
-                g.close()
-
-    gen = state.locked(both)
-    try:
-        for i, piece in gen:
-            texts[i] += piece
-            text_box(texts[i], slots[i], cursor=True)
-    finally:
-        gen.close()
-    for i in (0, 1):
-        text_box(texts[i], slots[i])
-    return texts[0], texts[1]
-
-
-def stream_one(lab: mlx_steer.Lab, prompt: str, steer, max_tokens: int,
-               temperature: float = 0.0, seed: int | None = 0) -> str:
-    """Stream one continuation with st.write_stream (lock held inside the generator)."""
-    gen = state.locked(lambda: lab.stream(prompt, steer, max_tokens, temperature, seed))
-    try:
-        return st.write_stream(gen)
-    finally:
-        gen.close()
+# ---- progress and charts -----------------------------------------------------------
 
 
 def progress_callback(bar, text: str):

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import state, ui
+from app import state, streaming, ui
 from app.uploads import MAX_PAIRS
 from mlx_steer import charts, lens, pairs as pair_files
 from mlx_steer.catalogue import builtin_spec
@@ -147,7 +147,7 @@ if concept is not None:
                                  key="creator_try_prompt")
         if st.button("Generate with the concept", key="creator_try_btn"):
             try:
-                st.session_state["creator_try"] = ui.stream_one(
+                st.session_state["creator_try"] = streaming.stream_one(
                     lab, t_prompt, concept.steer(),
                     st.session_state.get("creator_try_tokens", 40))
             except MlxSteerError as e:

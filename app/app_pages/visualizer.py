@@ -21,13 +21,7 @@ st.markdown(
 c1, c2, c3 = st.columns(3)
 with c1:
     prompt = st.text_input("Prompt", "The meeting went", key="viz_prompt")
-    name = ui.concept_select(lab, "viz_concept")
-try:
-    concept = ui.get_concept(lab, name)
-except MlxSteerError as e:
-    ui.show_error(e)
-    st.stop()
-ui.apply_concept_defaults("viz", concept)
+concept = ui.steering_concept(lab, "viz", c1)
 with c2:
     layer = ui.layer_slider(lab, "viz_layer", "Inject at block", default=concept.layer)
     max_tokens = st.slider("Tokens to generate", 4, 64, 24, step=4, key="viz_max_tokens")

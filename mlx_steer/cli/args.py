@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable
 
 from ..steer import OPS  # noqa: F401 - re-exported for the command modules
 
+Command = Callable[[str, str, str], argparse.ArgumentParser]  # (name, help, description)
 MAX_LIST = 1024  # more layers than any model has: a longer list is a typo
 
 
@@ -186,15 +188,14 @@ def steering(p: argparse.ArgumentParser, concept_required: bool = True,
 
 
 def sampling(p: argparse.ArgumentParser, max_tokens: int = 60, temperature: float = 0.0,
-             ) -> None:
+             metrics_option: bool = False) -> None:
+    """--max-tokens, --temperature, --seed (and --no-metrics with `metrics_option`)."""
     p.add_argument("--max-tokens", type=positive, default=max_tokens, metavar="N",
                    help=f"tokens to generate per row (default {max_tokens})")
     p.add_argument("--temperature", type=nonneg, default=temperature, metavar="T",
                    help=f"sampling temperature, 0 = greedy (default {temperature:g})")
     p.add_argument("--seed", type=int, default=0, metavar="K",
                    help="sampling seed, the same for every row (default 0)")
-
-
-def no_metrics(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-metrics", action="store_true",
-                   help="skip the model-based metrics (perplexity, projection)")
+    if metrics_option:
+        p.add_argument("--no-metrics", action="store_true",
+                       help="skip the model-based metrics (perplexity, projection)")

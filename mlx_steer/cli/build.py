@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
 
 from .. import pairs as P
 from ..bake import NOTE
@@ -18,10 +17,8 @@ from . import session as S
 from .args import UsageError
 from .render import Bar, emit, fmt
 
-Command = Callable[[str, str, str], argparse.ArgumentParser]
 
-
-def add_parsers(command: Command) -> None:
+def add_parsers(command: A.Command) -> None:
     p = command("extract", "make a concept from contrast pairs in a file",
                 "Extract a concept from (positive, negative) text pairs: a vector for "
                 "every layer, a recommended layer and strength; saved to the model's "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -18,10 +18,8 @@ from . import session as S
 from .args import UsageError
 from .render import emit, fmt, table
 
-Command = Callable[[str, str, str], argparse.ArgumentParser]
 
-
-def add_parsers(command: Command) -> None:
+def add_parsers(command: A.Command) -> None:
     p = command("concepts", "list, show, export, import or delete concepts",
                 "Manage concepts: the 17 built-ins and the concepts saved for the model.")
     sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=A.Parser)

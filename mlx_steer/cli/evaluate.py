@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from typing import Callable
 
 from .. import experiments as X
 from .. import introspection as I
@@ -15,10 +14,8 @@ from . import session as S
 from .args import UsageError
 from .render import Bar, emit, fmt, indented, table, width
 
-Command = Callable[[str, str, str], argparse.ArgumentParser]
 
-
-def add_parsers(command: Command) -> None:
+def add_parsers(command: A.Command) -> None:
     p = command("introspect", "the injected-thought detection test (Lindsey 2025)",
                 "Inject word concept vectors from the newline before 'Trial 1' on and ask "
                 "the model whether it detects an injected thought; run control trials "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
 
 from .. import experiments as X
 from ..concept import validate_name
@@ -12,10 +11,8 @@ from . import session as S
 from .render import (METRIC_COLUMNS, Bar, emit, fmt, indented, metric_line, side_by_side,
                      table)
 
-Command = Callable[[str, str, str], argparse.ArgumentParser]
 
-
-def add_parsers(command: Command) -> None:
+def add_parsers(command: A.Command) -> None:
     p = command("generate", "baseline and steered text side by side",
                 "Generate from one prompt twice in one batch (same seed): unsteered and "
                 "steered, printed side by side with their metrics.")
@@ -25,8 +22,7 @@ def add_parsers(command: Command) -> None:
                    help="add the vector (default); ablate its direction (strength ignored; "
                         "default layer: every block and the embedding output); or cap the "
                         "component along it at --strength")
-    A.sampling(p)
-    A.no_metrics(p)
+    A.sampling(p, metrics_option=True)
     p.set_defaults(func=cmd_generate)
 
     p = command("sweep", "one concept over layers or strengths",
@@ -41,8 +37,7 @@ def add_parsers(command: Command) -> None:
                       help="layers to sweep: 4,8,12, a range 0-28:4, or all")
     what.add_argument("--strengths", type=A.numbers, metavar="LIST",
                       help="strengths to sweep, e.g. 0.1,0.2,0.4 (relative unless --raw)")
-    A.sampling(p)
-    A.no_metrics(p)
+    A.sampling(p, metrics_option=True)
     p.set_defaults(func=cmd_sweep)
 
     p = command("mix", "generate with a weighted mix of concepts (and save it)",
