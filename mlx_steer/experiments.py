@@ -58,6 +58,7 @@ from . import metrics as M
 from .catalogue import BUILTINS, builtin_spec
 from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
+from .lens import layer_stage
 from .models import base
 from .prompts import default_instruction, neutral_prompts, with_instruction
 from .steer import Positions, Steer, as_steers
@@ -424,7 +425,7 @@ def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | Non
                 **kw) -> list[Record]:
     """This rank's share of the rows, gathered with every other rank's (see `run`)."""
     for v in variants:  # a bad row raises its typed error on every rank, before any work
-        lab._check(lab.encode(v.sent_prompt, kw["chat"]), v.steers, kw["max_tokens"])
+        lab.check_input(lab.encode(v.sent_prompt, kw["chat"]), v.steers, kw["max_tokens"])
     own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
 
     def mine() -> list[Record]:
@@ -596,7 +597,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick,
                         toks + src.tokens[src.prompt_len:], len(toks), [], src.n_gen, nll=True)
                     entries.append(e)
     for e in entries:
-        e.steers = lab._check(e.tokens, e.steers)
+        e.steers = lab.check_input(e.tokens, e.steers)
     # Group similar lengths together: less padding per pass.
     order = sorted(entries, key=lambda e: len(e.tokens))
     score_passes(lab, order, metric_batch, tick)
@@ -661,15 +662,9 @@ def layer_analysis(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike
     c = resolve(lab, concept)
     rows = layer_variants(prompt, c, layers, strength, relative, positions)
     for v in rows:
-        v.extra["stage"] = _stage(v.layer, c.num_layers)
+        v.extra["stage"] = layer_stage(v.layer, c.num_layers)["key"]
         v.extra["depth"] = round(v.layer / c.num_layers, 3)
     return run(lab, rows, **run_kw)
-
-
-def _stage(layer: int, num_layers: int) -> str:
-    f = layer / num_layers
-    return ("early" if f < 0.25 else "middle-early" if f < 0.5 else
-            "middle-late" if f < 0.75 else "late")
 
 
 def strength_variants(prompt: str | Sequence[str], concept: Concept,

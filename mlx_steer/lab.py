@@ -113,9 +113,11 @@ class Lab:
             return self.encode(prompt, chat)
         return validate.token_ids(prompt, self.vocab_size)
 
-    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
-               ) -> list[Steer]:
-        """Raise a typed error for bad input; the steers with layer ranges expanded."""
+    def check_input(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
+                    ) -> list[Steer]:
+        """Raise a typed error for bad input (no tokens, too long, steers that do not fit
+        this model); the steers with layer ranges expanded. Marks this thread as one that
+        runs the model."""
         if not tokens:
             raise EmptyPromptError("the prompt encodes to no tokens")
         if len(tokens) + max_tokens > self.context_length:
@@ -128,12 +130,14 @@ class Lab:
         threads.note_thread()  # this thread is about to run the model
         return expand_steers(steers, self.num_layers)
 
+    _check = check_input  # the old private name: branches in flight still call it
+
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0) -> list[Steer]:
         """Raise the typed error `generate` would raise for this request (tokens given);
         return its steers with layer ranges expanded, as `generate` would run them."""
         _check_options(max_tokens, temperature, top_p)
-        return self._check(tokens, steers, max_tokens)
+        return self.check_input(tokens, steers, max_tokens)
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
@@ -145,7 +149,7 @@ class Lab:
         generated sequence can be replayed exactly.
         """
         tokens = self._tokens(text, chat)
-        steers = self._check(tokens, as_steers(steer))
+        steers = self.check_input(tokens, as_steers(steer))
         if prompt_len is not None:
             prompt_len = validate.integer(prompt_len, "prompt_len", 1, len(tokens))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
@@ -177,7 +181,7 @@ class Lab:
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
-            self._check(t, steers)
+            self.check_input(t, steers)
         steers = expand_steers(steers, self.num_layers)
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
@@ -199,7 +203,7 @@ class Lab:
         tokens = self.encode(prompt, chat)
         max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
         seed = validate.seed(seed)
-        steers = self._check(tokens, as_steers(steer), max_tokens)
+        steers = self.check_input(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
         return generation.stream(self.model, self.tokenizer, tokens, caches,
@@ -253,7 +257,7 @@ class Lab:
                     f"each request must be a (prompt, steer) pair, got {req!r:.60}")
             prompt, steer = req
             t = self._tokens(prompt, chat)
-            s = self._check(t, as_steers(steer), max_tokens)
+            s = self.check_input(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,

@@ -121,7 +121,6 @@ if concept is not None:
         top = max(scores) or 1.0
         rel += [{"layer": i, "value": s / top, "series": "separation (scaled)"}
                 for i, s in enumerate(scores)]
-    st.session_state["creator_norm_records"] = rel
     ui.chart(charts.metric_chart(rel, "layer", "value", color="series"),
              key="creator_norm_chart")
     st.caption("‖v‖ / median‖h‖: how big the concept direction is next to a typical "
@@ -134,7 +133,6 @@ if concept is not None:
     lens_layer = ui.layer_slider(lab, "creator_lens_layer", "Logit lens of the vector at block",
                                  default=int(0.85 * L))
     vl = lens.vector_lens(lab, concept.vectors[lens_layer], k=10)
-    st.session_state["creator_vector_lens"] = vl
     ui.chart(charts.grouped_bars([{**r, "score": abs(r["score"])} for r in vl], "token",
                                  "score", "direction",
                                  f"Tokens the vector promotes and suppresses at block "

@@ -196,7 +196,6 @@ with tab_mix:
             if out is not None:
                 mixed, recs = out
                 st.session_state["exp_mix"] = recs
-                st.session_state["exp_mix_concept"] = mixed.name
                 if save:
                     st.success(f"Saved “{mixed.name}”: it is in every page's concept list now.")
         except MlxSteerError as e:

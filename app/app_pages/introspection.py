@@ -109,7 +109,7 @@ if rep:
                 help="Rise in 'yes' answers to no-questions when a vector is injected.")
     (st.success if rep["introspects"] else st.warning)(rep["verdict"])
     by = pd.DataFrame(rep["by_strength"])
-    st.session_state["intro_rate_records"] = rates = [
+    rates = [
         {"rate": name, "value": rep[key]}
         for name, key in (("detected + named", "detection_rate"),
                           ("false positive", "false_positive_rate"),

@@ -63,7 +63,6 @@ with tab_lens:
     try:
         recs = state.memo(lab, ("logit_lens", lens_prompt, k),
                           lambda: lens.logit_lens(lab, lens_prompt, k=k))
-        st.session_state["learn_lens"] = recs
         ui.chart(charts.logit_lens_chart(recs), key="learn_lens_chart")
         top = [r for r in recs if r["rank"] == 1]
         first = next((r for r in top if r["token_id"] == top[-1]["token_id"]), top[-1])

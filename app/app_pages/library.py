@@ -73,7 +73,6 @@ with tab_inspect:
             m[3].metric("Pairs", len(c.pairs))
             recs = [{"layer": i, "‖v‖ / median‖h‖": c.vector_norm(i) / float(c.norms[i])}
                     for i in range(L)]
-            st.session_state["lib_inspect_records"] = recs
             ui.chart(charts.metric_chart(recs, "layer", "‖v‖ / median‖h‖"),
                      key="lib_inspect_chart")
             ui.calibration_view(c, "lib_calibration")
@@ -141,7 +140,6 @@ with tab_import:
     if st.button("Import", key="lib_import_btn", disabled=up is None):
         try:
             c = uploads.import_control_vector(lab, up.name, up.getvalue(), imp_name or None)
-            st.session_state["lib_imported"] = c.name
             st.success(f"Imported “{c.name}”: strongest at block {c.layer}, α = {c.strength:.3g}.")
         except (MlxSteerError, ValueError) as e:
             ui.show_error(e)
