@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from . import calibrate
 from .activations import Progress
-from .calibrate import CALIBRATION_VERSION
 from .catalogue import BUILTINS, builtin_spec, spec_digest
 from .concept import Concept, validate_name
 from .errors import ConceptNotFoundError, MlxSteerError
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 
 def builtin_digest(name: str) -> str:
-    """What a cached built-in was made from: its spec and the calibration rule."""
-    return spec_digest({**builtin_spec(name), "calibration_version": CALIBRATION_VERSION})
+    """What a cached built-in was made from: its spec and the calibration rule (read at
+    call time: a new rule makes every cached built-in stale)."""
+    return spec_digest({**builtin_spec(name),
+                        "calibration_version": calibrate.CALIBRATION_VERSION})
 
 
 class ConceptStore:
