@@ -177,6 +177,10 @@ class RowResult:
     first_logprobs: np.ndarray = field(repr=False)  # (vocab,) at the first generated token
 
 
+# Written here on purpose rather than mlx-lm's BatchGenerator / batch_generate: those
+# take one sampler for the whole batch and build the rows' KV caches themselves, while
+# each row here keeps its own cache (made by models.base, carrying that row's steering
+# plan) and its own seeded sampler, so a row decodes exactly as the lone request would.
 def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
           rows: Sequence[Sequence[Steer]], max_tokens: int, temperature: float,
           top_p: float, seed: int | Sequence[int | None] | None,

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..steer import EMBEDDING, NEVER, Steer
 
 
@@ -235,8 +235,6 @@ SHARDINGS = ("auto", "tensor", "pipeline")
 def sharding_kind(model: nn.Module, sharding: str = "auto") -> str:
     """"tensor" or "pipeline": what mlx-lm can do for this model ("auto": tensor
     parallelism where the model has it, else pipeline stages)."""
-    from ..errors import InvalidArgumentError
-
     if sharding not in SHARDINGS:
         raise InvalidArgumentError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     tensor = callable(getattr(model, "shard", None))
