@@ -106,6 +106,19 @@ def _prefill_shared(model: nn.Module, tokens: list[int], rows: Sequence[Sequence
                            prefill_step_size)
 
 
+def _prefill_layered(model: nn.Module, tokens: list[int], rows: Sequence[Sequence[Steer]],
+                     diverge: Sequence[int | None], prefill_step_size: int
+                     ) -> tuple[list, mx.array]:
+    """Rows with one prompt, each steered inside it from block `diverge[k]` on (None:
+    not at all): the blocks before a row's first steered one run once, on an unsteered
+    trunk row, and the row joins the batch there (`base.layer_shared_caches`)."""
+    caches, members, out = base.layer_shared_caches(model, rows, diverge, len(tokens))
+    logits = prefill(model, mx.array(tokens)[None], caches, prefill_step_size)
+    caches = base.spread_rows(caches, members, diverge)
+    pick = [out.index(base.TRUNK if d is None else k) for k, d in enumerate(diverge)]
+    return caches, logits[mx.array(pick)]
+
+
 def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
                   rows: Sequence[Sequence[Steer]],
                   prefill_step_size: int = PREFILL_STEP,
@@ -113,13 +126,22 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
     """Prefill a batch: (left-padded batch caches carrying the rows' plans, logits (B, vocab)).
 
     Rows with the same prompt share its prefill up to the first position where
-    their steering differs (`prefix.plan`); the others run left-padded together.
-    `share=False` prefills every row (for measuring).
+    their steering differs (`prefix.plan`); rows with the same prompt steered from
+    different blocks share the blocks before their first steered one
+    (`prefix.layer_plan`); the others run left-padded together. `share=False`
+    prefills every row (for measuring).
     """
     groups, solo = prefix.plan(toks, rows) if share else ([], [])
-    if not groups:
+    layered: list[prefix.LayerGroup] = []
+    if share and base.shares_layers(model):
+        layered, solo = prefix.layer_plan(toks, rows, solo)
+    if not groups and not layered:
         return _prefill_padded(model, toks, rows, prefill_step_size)
     parts = []  # (batch rows, caches, logits)
+    for lg in layered:
+        parts.append((list(lg.rows), *_prefill_layered(
+            model, list(toks[lg.rows[0]]), [rows[i] for i in lg.rows], lg.diverge,
+            prefill_step_size)))
     if solo:
         parts.append((solo, *_prefill_padded(model, [toks[i] for i in solo],
                                              [rows[i] for i in solo], prefill_step_size)))
@@ -155,6 +177,10 @@ class RowResult:
     first_logprobs: np.ndarray = field(repr=False)  # (vocab,) at the first generated token
 
 
+# Written here on purpose rather than mlx-lm's BatchGenerator / batch_generate: those
+# take one sampler for the whole batch and build the rows' KV caches themselves, while
+# each row here keeps its own cache (made by models.base, carrying that row's steering
+# plan) and its own seeded sampler, so a row decodes exactly as the lone request would.
 def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
           rows: Sequence[Sequence[Steer]], max_tokens: int, temperature: float,
           top_p: float, seed: int | Sequence[int | None] | None,
