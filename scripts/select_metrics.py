@@ -31,7 +31,7 @@ import mlx_steer
 from mlx_steer import experiments as E
 from mlx_steer import metrics as M
 from mlx_steer.concept import Concept
-from mlx_steer.library import BUILTINS, builtin_spec
+from mlx_steer.catalogue import BUILTINS, builtin_spec
 from mlx_steer.prompts import prompt_set
 
 VALENCE = ("happy", "sad", "pessimistic")
