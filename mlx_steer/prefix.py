@@ -2,7 +2,10 @@
 
 Rows with the same prompt tokens compute the same keys and values at every
 position where their steering is still the same, so those positions can be
-prefilled once and the cache forked. Steering "identical" here means the same
+prefilled once and the cache forked. And every block below the first one a
+row steers inside its prompt computes what the unsteered model does, at every
+position: rows of one prompt steered from different positions on (usually
+from position 1) still share those blocks (`layered`). Steering "identical" here means the same
 ordered list of (layer, delta, window) terms active at a position, term by
 term, bit for bit: anything weaker could change float32 rounding.
 """
@@ -15,6 +18,15 @@ from typing import Sequence
 from .steer import Steer
 
 MIN_SHARED = 2  # forking pays only for a prefix longer than one token
+
+
+@dataclass(frozen=True)
+class Layered:
+    """Rows `rows` of one prompt: row rows[i] runs the prompt unsteered through
+    blocks < depths[i] (the blocks the unsteered one-row prefill can give it)."""
+
+    rows: tuple[int, ...]
+    depths: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -87,3 +99,40 @@ def _prompt_signature(steers: Sequence[Steer], prompt_len: int) -> tuple:
     terms = _terms(steers, prompt_len)
     return tuple((layer, max(start, 0), min(end, prompt_len), d)
                  for layer, start, end, d in terms if start < prompt_len)
+
+
+def first_block(steers: Sequence[Steer], prompt_len: int, num_layers: int) -> int:
+    """The lowest block a row's steering changes inside its prompt (`num_layers` when
+    none does): blocks below it compute the prompt as the unsteered model does.
+
+    A steer at block l changes block l's output (an ablation in the middle of the
+    block, block l itself); the embedding (-1) changes block 0's input."""
+    first = num_layers
+    for s in steers:
+        if s.is_noop:
+            continue
+        start, end = s.window(prompt_len)
+        if start < min(end, prompt_len):
+            first = min(first, max(min(s.layers(num_layers)), 0))
+    return first
+
+
+def layered(toks: Sequence[Sequence[int]], rows: Sequence[Sequence[Steer]],
+            candidates: Sequence[int], num_layers: int) -> tuple[list[Layered], list[int]]:
+    """Rows of `candidates` that share the prompt's lower blocks (`Layered` groups:
+    one prompt, >= 2 rows, and the blocks they skip add up to at least one whole
+    prefill, what the shared one costs) and the rest."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in candidates:
+        by_prompt.setdefault(tuple(toks[i]), []).append(i)
+    groups, rest = [], []
+    for prompt, idx in by_prompt.items():
+        depths = {i: first_block(rows[i], len(prompt), num_layers) for i in idx}
+        share = [i for i in idx if depths[i] > 0]
+        if (len(share) >= 2 and len(prompt) >= MIN_SHARED
+                and sum(depths[i] for i in share) >= num_layers):
+            groups.append(Layered(tuple(share), tuple(depths[i] for i in share)))
+            rest.extend(i for i in idx if depths[i] == 0)
+        else:
+            rest.extend(idx)
+    return groups, sorted(rest)
