@@ -385,8 +385,8 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
     if score:
         # Unsteered sequences (shared contexts) and steered ones make separate passes.
         n_rows = len(variants)
-        if expression:
-            n_rows += 2 * sum(v.concept is not None for v in variants)
+        if expression:  # one instructed sequence per concept row (a baseline's shared)
+            n_rows += sum(v.concept is not None for v in variants)
         n_steered = sum(not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
                         for v in variants)
         n_scores = math.ceil(n_rows / metric_batch) + math.ceil(n_steered / metric_batch)

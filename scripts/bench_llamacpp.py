@@ -113,7 +113,7 @@ def med(xs):
 class Engine:
     """A llama.cpp model + context, greedy generation with EOS banned, control vectors."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int = 512):
+    def __init__(self, path: Path, threads: int, n_ctx: int = 512, extra_bufts: bool = True):
         import numpy as np
         import llama_cpp as ll
 
@@ -121,6 +121,10 @@ class Engine:
         self.np, self.ll, self.path = np, ll, path
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
+        # Extra buffer types repack weights for other kernels (on x86 with AMX: the AMX
+        # kernels, which crash where the CPU reports AMX but the OS or VM does not grant
+        # its tile state); without them the GGML CPU kernels run the GGUF's own blocks.
+        mp.use_extra_bufts = bool(extra_bufts)
         self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
