@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# `streamlit run app/Home.py` puts app/ itself on sys.path, where state.py and ui.py
+# would shadow any top-level module of those names: the pages import the package
+# `app` (app.state, app.ui), so its parent goes on sys.path instead.
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
 
 import streamlit as st  # noqa: E402
 
-import state  # noqa: E402
+from app import state  # noqa: E402
 
 st.set_page_config(page_title="mlx-steer lab", page_icon=":material/explore:", layout="wide")
 

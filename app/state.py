@@ -10,7 +10,6 @@ away mid-stream closes the generator, which releases the lock).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterator
 import streamlit as st
 
 import mlx_steer
-from mlx_steer import loading
+from mlx_steer import config, loading
 from mlx_steer.errors import MlxSteerError
 
 EMBEDDED_LABEL = "SmolLM2-135M-Instruct (embedded)"
@@ -66,7 +65,7 @@ def _warm_up(lab: mlx_steer.Lab) -> None:
         with contextlib.suppress(Exception), model_lock():
             lab.concept("happy")
 
-    if os.environ.get("MLX_STEER_APP_WARMUP", "1") != "0":
+    if config.flag("MLX_STEER_APP_WARMUP"):
         threading.Thread(target=run, name="mlx-steer-warmup", daemon=True).start()
 
 
@@ -211,21 +210,16 @@ def sidebar_model_info(lab_: mlx_steer.Lab) -> None:
         f"context {lab_.context_length:,}" + (f"\n\n{lab_.note}" if lab_.note else ""))
 
 
-# ---- small memo for deterministic analyses --------------------------------------
+# ---- deterministic analyses, in Streamlit's cache --------------------------------
 
 
-@st.cache_resource(show_spinner=False)
-def _memo_store() -> dict:
-    return {}
+@st.cache_data(show_spinner="Computing from the model…", max_entries=256)
+def _analysis(fingerprint: str, key: tuple, _compute: Callable[[], object]) -> object:
+    """Keyed by the model's fingerprint and `key` (`_compute` is not hashed)."""
+    with model_lock():
+        return _compute()
 
 
 def memo(lab_: mlx_steer.Lab, key: tuple, fn: Callable[[], object]) -> object:
-    """Process-wide memo of a deterministic, read-only result for this model."""
-    store = _memo_store()
-    k = (lab_.fingerprint, *key)
-    if k not in store:
-        with st.spinner("Computing from the model…"), model_lock():
-            store[k] = fn()
-        if len(store) > 256:
-            store.pop(next(iter(store)))
-    return store[k]
+    """A deterministic, read-only result for this model, computed once per process."""
+    return _analysis(lab_.fingerprint, key, fn)

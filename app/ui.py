@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
-import tempfile
-from collections.abc import Iterator
 from importlib import resources
-from pathlib import Path
 
 import altair as alt
 import streamlit as st
@@ -17,9 +12,8 @@ import streamlit as st
 import mlx_steer
 from mlx_steer import lens
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import Library, read_json, validate_name
 
-import state
+from . import state
 
 STAGE_ICONS = {"early": ":material/text_fields:", "middle-early": ":material/lightbulb:",
                "middle-late": ":material/adjust:", "late": ":material/edit_note:"}
@@ -60,6 +54,12 @@ def text_box(text: str, placeholder=None, cursor: bool = False, empty: str = "�
         unsafe_allow_html=True)
 
 
+def empty_boxes(slots, note: str) -> None:
+    """Each text box of `slots` empty, showing `note` (what to press)."""
+    for slot in slots:
+        text_box("", slot, empty=note)
+
+
 def show_error(e: Exception) -> None:
     if isinstance(e, MlxSteerError):
         st.error(str(e))
@@ -73,14 +73,14 @@ def show_error(e: Exception) -> None:
 def concept_ready(lab: mlx_steer.Lab, name: str) -> bool:
     """True when using `name` needs no extraction (library or cached built-in)."""
     try:
-        return name in lab.library or name in Library(lab.fingerprint, lab.name, sub="builtin")
+        return lab.concepts.is_ready(name)
     except MlxSteerError:
         return False
 
 
 def concept_select(lab: mlx_steer.Lab, key: str, label: str = "Concept",
                    default: str = "happy", help: str | None = None) -> str:
-    names = lab.concepts()
+    names = lab.concepts.names()
     if key in st.session_state and st.session_state[key] not in names:
         del st.session_state[key]
     index = names.index(default) if default in names else 0
@@ -121,6 +121,21 @@ def apply_concept_defaults(prefix: str, concept: mlx_steer.Concept) -> None:
         raw = concept.relative_to_raw(concept.layer, concept.strength)
         st.session_state[f"{prefix}_raw"] = float(min(max(round(raw, 2), -RAW_LIMIT),
                                                       RAW_LIMIT))
+
+
+def steering_concept(lab: mlx_steer.Lab, prefix: str, column) -> mlx_steer.Concept:
+    """The page's concept: its select box `<prefix>_concept` drawn in `column`, loaded
+    (the page stops with the error if it cannot be), its recommended block and
+    strength put into the page's `<prefix>_` controls."""
+    with column:
+        name = concept_select(lab, f"{prefix}_concept")
+    try:
+        concept = get_concept(lab, name)
+    except MlxSteerError as e:
+        show_error(e)
+        st.stop()
+    apply_concept_defaults(prefix, concept)
+    return concept
 
 
 def layer_slider(lab: mlx_steer.Lab, key: str, label: str = "Layer (block)",
@@ -165,53 +180,7 @@ def strength_controls(concept: mlx_steer.Concept, layer: int, prefix: str) -> tu
     return raw, False
 
 
-# ---- streaming ------------------------------------------------------------------
-
-
-def stream_pair(lab: mlx_steer.Lab, prompt: str, steer, slots, max_tokens: int,
-                temperature: float = 0.0, seed: int | None = 0,
-                labels: tuple[str, str] = ("", "")) -> tuple[str, str]:
-    """Stream the unsteered and steered continuations side by side, interleaved token
-    by token, with the same seed. The model lock is held inside the generator; a
-    stopped script closes it and releases the lock."""
-    texts = ["", ""]
-
-    def both() -> Iterator[tuple[int, str]]:
-        gens = [lab.stream(prompt, None, max_tokens, temperature, seed),
-                lab.stream(prompt, steer, max_tokens, temperature, seed)]
-        live = [True, True]
-        try:
-            while any(live):
-                for i, g in enumerate(gens):
-                    if live[i]:
-                        try:
-                            yield i, next(g)
-                        except StopIteration:
-                            live[i] = False
-        finally:
-            for g in gens:
-                g.close()
-
-    gen = state.locked(both)
-    try:
-        for i, piece in gen:
-            texts[i] += piece
-            text_box(texts[i], slots[i], cursor=True)
-    finally:
-        gen.close()
-    for i in (0, 1):
-        text_box(texts[i], slots[i])
-    return texts[0], texts[1]
-
-
-def stream_one(lab: mlx_steer.Lab, prompt: str, steer, max_tokens: int,
-               temperature: float = 0.0, seed: int | None = 0) -> str:
-    """Stream one continuation with st.write_stream (lock held inside the generator)."""
-    gen = state.locked(lambda: lab.stream(prompt, steer, max_tokens, temperature, seed))
-    try:
-        return st.write_stream(gen)
-    finally:
-        gen.close()
+# ---- progress and charts -----------------------------------------------------------
 
 
 def progress_callback(bar, text: str):
@@ -285,79 +254,3 @@ def injection_summary(concept: mlx_steer.Concept, layer: int, strength: float,
         "median ‖h‖ at layer": round(float(concept.norms[layer]), 2),
         "positions": positions,
     }
-
-
-# ---- uploads -------------------------------------------------------------------------
-
-MAX_PAIRS_UPLOAD = 1 * 2**20  # 1 MiB of pairs is thousands of pairs
-MAX_PAIRS = 512
-MAX_GGUF = 16 * 2**20  # a 32-layer × 8192-wide float32 control vector is 1 MiB
-
-
-def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """One pair per line: `positive | negative` (a tab also separates)."""
-    pairs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        sep = "|" if "|" in line else "\t" if "\t" in line else None
-        if sep is None:
-            raise ValueError(f"line {n} has no '|' between the positive and negative text")
-        pos, neg = (s.strip() for s in line.split(sep, 1))
-        if not pos or not neg:
-            raise ValueError(f"line {n}: both sides of the pair must be non-empty")
-        pairs.append((pos, neg))
-    return pairs
-
-
-def parse_upload(name: str, data: bytes) -> list[tuple[str, str]]:
-    """JSON (list of pairs, or {"pairs": [...]}, or objects with positive/negative),
-    JSONL, CSV/TSV with two columns, or text with `positive | negative` lines."""
-    if len(data) > MAX_PAIRS_UPLOAD:
-        raise ValueError(f"{name} is {len(data) / 2**20:.1f} MiB; the limit is 1 MiB")
-    text = data.decode("utf-8")
-    low = name.lower()
-
-    def norm(item) -> tuple[str, str]:
-        if isinstance(item, dict):
-            item = (item.get("positive"), item.get("negative"))
-        if not (isinstance(item, (list, tuple)) and len(item) == 2
-                and all(isinstance(s, str) and s.strip() for s in item)):
-            raise ValueError(f"not a pair of two non-empty texts: {str(item)[:80]}")
-        return item[0].strip(), item[1].strip()
-
-    if low.endswith(".json"):
-        obj = read_json(text, name)  # CorruptFileError (a ValueError) if nested too deep
-        items = obj.get("pairs") if isinstance(obj, dict) else obj
-        if not isinstance(items, list):
-            raise ValueError("the JSON must be a list of pairs or an object with 'pairs'")
-        return [norm(i) for i in items]
-    if low.endswith(".jsonl"):
-        return [norm(read_json(line, name)) for line in text.splitlines() if line.strip()]
-    if low.endswith((".csv", ".tsv")):
-        rows = [r for r in csv.reader(io.StringIO(text),
-                                      delimiter="\t" if low.endswith(".tsv") else ",") if r]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["positive", "negative"]:
-            rows = rows[1:]
-        return [norm(r[:2]) for r in rows]
-    return parse_pairs(text)
-
-
-def import_control_vector(lab: mlx_steer.Lab, filename: str, data: bytes,
-                          name: str | None = None) -> mlx_steer.Concept:
-    """Validate an uploaded llama.cpp control vector and save it as a concept.
-
-    Refuses files over `MAX_GGUF`, unsafe names, corrupt files and vectors of another
-    model's size or depth (typed errors from `Concept.from_gguf`)."""
-    if len(data) > MAX_GGUF:
-        raise ValueError(f"{filename} is {len(data) / 2**20:.1f} MiB; the limit is "
-                         f"{MAX_GGUF // 2**20} MiB")
-    nm = validate_name(name or Path(filename).stem.replace(".", "_"))
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "upload.gguf"
-        path.write_bytes(data)
-        with state.model_lock():
-            concept = mlx_steer.Concept.from_gguf(path, lab, name=nm)
-    lab.save_concept(concept)
-    return concept

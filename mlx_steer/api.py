@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (EmptyPromptError, InvalidArgumentError, InvalidStrengthError,
                      LayerOutOfRangeError)
-from .library import BUILTINS, builtin_spec
+from .catalogue import BUILTINS, builtin_spec
 from .steer import OPS, Steer
 
 if TYPE_CHECKING:
@@ -207,8 +207,8 @@ def parse_steering(lab: "Lab", items: Any, allow_raw_vectors: bool = False) -> l
 def concepts_listing(lab: "Lab") -> dict:
     """/v1/concepts: every usable name, with its defaults once it exists for this model."""
     data = []
-    for name in lab.concepts():
-        c = lab.ready_concept(name)
+    for name in lab.concepts.names():
+        c = lab.concepts.ready(name)
         entry = {"id": name, "object": "concept", "builtin": name in BUILTINS,
                  "ready": c is not None, "layer": None, "strength": None}
         if c is not None:

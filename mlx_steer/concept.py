@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,14 +11,28 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from . import validate
-from .errors import (InvalidArgumentError, InvalidStrengthError, LayerOutOfRangeError,
-                     ModelMismatchError)
+from .control_vector import read_control_vector, write_control_vector
+from .errors import (InvalidArgumentError, InvalidNameError, InvalidStrengthError,
+                     LayerOutOfRangeError, ModelMismatchError)
 from .steer import Layer, Positions, Steer
 
 if TYPE_CHECKING:
     from .lab import Lab
 
 SCHEMA_VERSION = 1
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+
+
+def validate_name(name: str) -> str:
+    """Lower-cased name of 1–64 letters, digits, '_' or '-' (no paths, no dots)."""
+    if not isinstance(name, str):
+        raise InvalidNameError(f"a concept name must be text, got {type(name).__name__}")
+    clean = name.strip().lower()
+    if not NAME_PATTERN.match(clean):
+        raise InvalidNameError(
+            f"invalid concept name {name!r}: use 1–64 letters, digits, '_' or '-', "
+            "starting with a letter or digit (no spaces, dots or slashes)")
+    return clean
 
 
 def _real_array(x, what: str) -> np.ndarray:
@@ -105,15 +120,12 @@ class Concept:
         return int(self.vectors.shape[1])
 
     def vector_norm(self, layer: int) -> float:
-        return float(np.linalg.norm(self.vectors[self._layer(layer)]))
+        return float(np.linalg.norm(self.vectors[self.check_layer(layer)]))
 
-    def _layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
-                0 <= layer < self.num_layers):
-            raise LayerOutOfRangeError(
-                f"layer {layer!r} is out of range: this model has {self.num_layers} "
-                f"layers (0 … {self.num_layers - 1})")
-        return int(layer)
+    def check_layer(self, layer: int) -> int:
+        """`layer` as an int if this concept's model has that block, else
+        LayerOutOfRangeError."""
+        return validate.layer(layer, self.num_layers)
 
     def relative_to_raw(self, layer: int, alpha: float) -> float:
         """Raw multiplier of `vectors[layer]` giving ‖α_rel‖ of the residual norm."""
@@ -122,7 +134,7 @@ class Concept:
 
     def raw_to_relative(self, layer: int, raw: float) -> float:
         """α_rel = ‖raw · v‖ / median ‖h‖ at `layer` (signed like `raw`)."""
-        norm = float(self.norms[self._layer(layer)])
+        norm = float(self.norms[self.check_layer(layer)])
         return 0.0 if norm == 0 else float(raw) * self.vector_norm(layer) / norm
 
     def steer(self, layer: Layer | None = None, strength: float | None = None,
@@ -143,7 +155,7 @@ class Concept:
         """
         if isinstance(layer, (tuple, list, str)):
             return self._steer_range(layer, strength, relative, positions, op)
-        layer = self.layer if layer is None else self._layer(layer)
+        layer = self.layer if layer is None else self.check_layer(layer)
         if op == "ablate":
             return Steer(self.vectors[layer], layer, 1.0, positions, self.model_fingerprint,
                          op=op)
@@ -158,7 +170,7 @@ class Concept:
         span = Steer(v, layer, 1.0, positions, self.model_fingerprint, op=op)
         for i in span.layers(self.num_layers):
             if i >= 0:
-                self._layer(i)
+                self.check_layer(i)
         if op == "ablate":
             return span
         if strength is None:
@@ -173,7 +185,7 @@ class Concept:
         """Remove the concept's direction (the recommended layer's vector) from the
         residual stream at `layer`: every block and the embedding output by default."""
         if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-            self._layer(layer)
+            self.check_layer(layer)
             return Steer(self.vectors[self.layer], int(layer), 1.0, positions,
                          self.model_fingerprint, op="ablate")
         return self._steer_range(layer, None, True, positions, "ablate")
@@ -247,23 +259,19 @@ class Concept:
         """Write a llama.cpp control vector. "default": the recommended layer at the
         recommended strength (llama.cpp then reproduces `concept.steer()` at scale 1);
         "all": every layer's raw vector; or a list of layers (raw)."""
-        from .control_vector import write_control_vector
-
         if isinstance(layers, str) and layers == "default":
             directions = {self.layer: self.vectors[self.layer] * np.float32(
                 self.relative_to_raw(self.layer, self.strength))}
         else:
-            idx = range(self.num_layers) if layers == "all" else [self._layer(i) for i in layers]
+            idx = range(self.num_layers) if layers == "all" else [self.check_layer(i) for i in layers]
             directions = {i: self.vectors[i] for i in idx}
         return write_control_vector(path, directions, self.extra.get("model_hint", ""),
                                     self.num_layers)
 
     @classmethod
     def from_gguf(cls, path: str | Path, lab: "Lab", name: str | None = None) -> "Concept":
-        """Read a llama.cpp / repeng control vector as a concept of `lab`'s model."""
-        from .control_vector import read_control_vector
-        from .extract import residual_norms
-
+        """Read a llama.cpp / repeng control vector as a concept of `lab`'s model
+        (`lab.residual_norms()` measures the norms that make its strength relative)."""
         directions = read_control_vector(path, lab.hidden_size)
         bad = [i for i in directions if i >= lab.num_layers]
         if bad:
@@ -273,7 +281,7 @@ class Concept:
         vectors = np.zeros((lab.num_layers, lab.hidden_size), np.float32)
         for i, v in directions.items():
             vectors[i] = v
-        norms = residual_norms(lab)
+        norms = lab.residual_norms()
         rel = np.linalg.norm(vectors, axis=1) / norms
         layer = int(np.argmax(rel))
         return cls(name=name or Path(path).stem, vectors=vectors, norms=norms, layer=layer,

@@ -7,13 +7,12 @@ rejects index 0).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptFileError, InvalidArgumentError, StorageError, VectorShapeError
+from .errors import CorruptFileError, InvalidArgumentError, VectorShapeError
+from .files import atomic_path
 
 
 def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
@@ -30,12 +29,8 @@ def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
             if i >= 1}
     if not kept:
         raise VectorShapeError("nothing to export: llama.cpp cannot steer block 0")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".", suffix=".gguf.tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        w = gguf.GGUFWriter(tmp, "controlvector")
+    with atomic_path(path, suffix=".gguf.tmp") as tmp:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
         w.add_string("controlvector.model_hint", model_hint or "llama")
         w.add_uint32("controlvector.layer_count", int(layer_count))
         for i, v in kept.items():
@@ -44,12 +39,6 @@ def write_control_vector(path: str | Path, directions: dict[int, np.ndarray],
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

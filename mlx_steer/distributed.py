@@ -29,7 +29,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from . import errors
+from . import config, errors
 from .errors import DistributedError, InvalidArgumentError
 
 Group = Any  # mx.distributed.Group
@@ -144,7 +144,7 @@ def gather_results(fn: Callable[[], Any], group: Group, *, what: str = "distribu
         cls = getattr(errors, p["type"], None)
         if p["typed"] and isinstance(cls, type) and issubclass(cls, errors.MlxSteerError):
             raise cls(f"{msg}: {p['message']}")
-        if os.environ.get("MLX_STEER_DEBUG"):
+        if config.flag("MLX_STEER_DEBUG"):
             sys.stderr.write(p["trace"])
         raise DistributedError(f"{what}: {msg}: {p['type']}: {p['message']}; "
                                "no results were kept")

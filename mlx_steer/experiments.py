@@ -55,8 +55,10 @@ import numpy as np
 
 from . import distributed
 from . import metrics as M
-from .concept import Concept
+from .catalogue import BUILTINS, builtin_spec
+from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
+from .lens import layer_stage
 from .prompts import default_instruction, neutral_prompts, with_instruction
 from .scoring import METRIC_BATCH, ScoreEntry, score
 from .steer import Positions, Steer, as_steers
@@ -115,8 +117,6 @@ def resolve(lab: "Lab", concept: ConceptLike) -> Concept:
 
 
 def _spec(name: str) -> dict | None:
-    from .library import BUILTINS, builtin_spec
-
     return builtin_spec(name) if name in BUILTINS else None
 
 
@@ -358,7 +358,7 @@ def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | Non
                 **kw) -> list[Record]:
     """This rank's share of the rows, gathered with every other rank's (see `run`)."""
     for v in variants:  # a bad row raises its typed error on every rank, before any work
-        lab._check(lab.encode(v.sent_prompt, kw["chat"]), v.steers, kw["max_tokens"])
+        lab.check_input(lab.encode(v.sent_prompt, kw["chat"]), v.steers, kw["max_tokens"])
     own, need = rank_rows(variants, distributed.rank(group), distributed.size(group))
 
     def mine() -> list[Record]:
@@ -531,7 +531,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick,
                         toks + src.tokens[src.prompt_len:], len(toks), [], src.n_gen, nll=True)
                     entries.append(e)
     for e in entries:
-        e.steers = lab._check(e.tokens, e.steers)
+        e.steers = lab.check_input(e.tokens, e.steers)
     score(lab, entries, metric_batch, tick)
     for i, ue in unsteered.items():
         rec, key = records[i], f"p{i}"
@@ -594,15 +594,9 @@ def layer_analysis(lab: "Lab", prompt: str | Sequence[str], concept: ConceptLike
     c = resolve(lab, concept)
     rows = layer_variants(prompt, c, layers, strength, relative, positions)
     for v in rows:
-        v.extra["stage"] = _stage(v.layer, c.num_layers)
+        v.extra["stage"] = layer_stage(v.layer, c.num_layers)["key"]
         v.extra["depth"] = round(v.layer / c.num_layers, 3)
     return run(lab, rows, **run_kw)
-
-
-def _stage(layer: int, num_layers: int) -> str:
-    f = layer / num_layers
-    return ("early" if f < 0.25 else "middle-early" if f < 0.5 else
-            "middle-late" if f < 0.75 else "late")
 
 
 def strength_variants(prompt: str | Sequence[str], concept: Concept,
@@ -685,8 +679,6 @@ def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mappin
     resolved = [(resolve(lab, c), float(w)) for c, w in items]
     if all(w == 0 for _, w in resolved):
         raise InvalidArgumentError("every mix weight is 0")
-    from .library import validate_name
-
     if name is None:  # a name the library accepts (no dots): mix-happy70-excited30
         import re
 
@@ -696,7 +688,7 @@ def mix_concepts(lab: "Lab", parts: Sequence[tuple[ConceptLike, float]] | Mappin
     mixed = Concept.mix(resolved, normalize=normalize, name=validate_name(name))
     heaviest = max(resolved, key=lambda cw: abs(cw[1]))[0]
     wsum = sum(abs(w) for _, w in resolved)
-    mixed.layer = heaviest.layer if layer is None else mixed._layer(layer)
+    mixed.layer = heaviest.layer if layer is None else mixed.check_layer(layer)
     mixed.strength = (sum(abs(w) * c.strength for c, w in resolved) / wsum
                       if strength is None else float(strength))
     markers = concept_markers(mixed)

@@ -17,61 +17,18 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from . import train
+from .activations import Progress, capture
 from .calibrate import apply as apply_calibration
 from .calibrate import calibrate as calibrate_concept
-from .concept import Concept
+from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
-from .metrics import massive_positions
-from .prompts import neutral_prompts
+from .prompts import neutral_prompts  # noqa: F401 - re-exported: scripts import it here
 
 if TYPE_CHECKING:
     from .lab import Lab
 
 METHODS = ("mean", "pca", "classic", "trained")
-READS = ("last", "mean")
 DEFAULT_STRENGTH = 0.2  # uncalibrated concepts only
-BATCH = 32
-Progress = Callable[[int, int], None]
-
-
-def _valid_positions(h: np.ndarray) -> np.ndarray:
-    """Positions to read from one text's (L, T, D) states: not 0, not massive."""
-    bad = np.zeros(h.shape[1], bool)
-    for layer in h:
-        bad |= massive_positions(layer)
-    bad[0] = True
-    return ~bad
-
-
-def capture(lab: "Lab", texts: Sequence[str], read: str = "last", chat: bool = False,
-            progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled states (N, L, D) of every text, and median token norms (L,).
-
-    Texts go through the model in left-padded batches, every layer at once.
-    """
-    if read not in READS:
-        raise InvalidArgumentError(f"read must be one of {READS}, got {read!r}")
-    pooled, token_norms = [], []
-    for start in range(0, len(texts), BATCH):
-        for h in lab.hidden_states_batch(texts[start:start + BATCH], chat=chat):
-            ok = _valid_positions(h)
-            token_norms.append(np.linalg.norm(h[:, ok], axis=-1))
-            if read == "last" or not ok.any():
-                pooled.append(h[:, -1])
-            else:
-                pooled.append(h[:, ok].mean(axis=1))
-        if progress:
-            progress(min(start + BATCH, len(texts)), len(texts))
-    every = np.concatenate(token_norms, axis=1)
-    if every.shape[1] == 0:
-        raise InvalidArgumentError("every text is a single token: no positions to measure")
-    norms = np.median(every, axis=1)
-    return np.stack(pooled).astype(np.float32), norms.astype(np.float32)
-
-
-def residual_norms(lab: "Lab", texts: Sequence[str] | None = None) -> np.ndarray:
-    """Median residual token norm per layer over neutral prompts (position 0 excluded)."""
-    return capture(lab, list(texts or neutral_prompts()), read="last", chat=True)[1]
 
 
 def directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
@@ -126,8 +83,6 @@ def extract(lab: "Lab", name: str, pairs: Sequence[tuple[str, str]], method: str
     blocks keep the mean difference, and calibration keeps the trained block.
     `progress(done, total)` covers extraction and calibration together.
     """
-    from .library import validate_name
-
     name = validate_name(name)
     pairs = [(str(p), str(n)) for p, n in pairs]
     if method not in METHODS:

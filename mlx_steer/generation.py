@@ -106,55 +106,17 @@ def _prefill_shared(model: nn.Module, tokens: list[int], rows: Sequence[Sequence
                            prefill_step_size)
 
 
-def _prefill_replayed(model: nn.Module, x: mx.array, caches: list,
-                      kv: Sequence[tuple[mx.array, mx.array]], hidden: mx.array,
-                      prefill_step_size: int) -> mx.array:
-    """`prefill` of `x` (n, T) (one prompt) into fresh `caches` whose blocks < len(kv)
-    replay the unsteered prefill (`base.set_replay`): the same chunks as `prefill`."""
-    n, length = x.shape
-    cuts = [(a, min(a + prefill_step_size, length - 1))
-            for a in range(0, length - 1, prefill_step_size)] + [(length - 1, length)]
-    for a, b in cuts:
-        base.set_replay(caches, kv, hidden, a, b, n)
-        out = model(x[:, a:b], cache=caches)
-        if b < length:
-            mx.eval([c.state for c in caches])
-    return out[:, -1, :]
-
-
 def _prefill_layered(model: nn.Module, tokens: list[int], rows: Sequence[Sequence[Steer]],
-                     depths: Sequence[int], prefill_step_size: int
-                     ) -> list[tuple[list[int], list, mx.array]]:
-    """Rows of one prompt, row i unsteered in the prompt below block depths[i]: the
-    prompt is prefilled once unsteered; rows steered nowhere in it fork that cache,
-    the others replay its lower blocks and run the rest. (local rows, caches, logits)
-    per depth."""
-    x = mx.array(tokens)[None]
-    top = base.num_layers(model)
-    below = sorted({d - 1 for d in depths if 0 < d < top})
-    caches = base.make_caches(model, None, left_padding=[0])
-    base.watch(model, caches, below)
-    logits = prefill(model, x, caches, prefill_step_size)
-    hidden = {b: mx.concatenate(caches[b].capture, axis=1) for b in below}
-    kv = base.stored_kv(caches, max(below) + 1) if below else []
-    mx.eval(logits, *hidden.values(), kv)
-    by_depth: dict[int, list[int]] = {}
-    for i, d in enumerate(depths):
-        by_depth.setdefault(min(d, top), []).append(i)
-    parts = []
-    for d, idx in by_depth.items():
-        if d >= top:
-            parts.append((idx, base.fork_rows(caches, len(idx)),
-                          mx.repeat(logits, len(idx), axis=0)))
-            continue
-        n = len(idx)
-        mine = base.make_caches(model, base.build_plans([rows[i] for i in idx],
-                                                        [len(tokens)] * n),
-                                left_padding=[0] * n)
-        parts.append((idx, mine, _prefill_replayed(
-            model, mx.repeat(x, n, axis=0), mine, kv[:d], hidden[d - 1],
-            prefill_step_size)))
-    return parts
+                     diverge: Sequence[int | None], prefill_step_size: int
+                     ) -> tuple[list, mx.array]:
+    """Rows with one prompt, each steered inside it from block `diverge[k]` on (None:
+    not at all): the blocks before a row's first steered one run once, on an unsteered
+    trunk row, and the row joins the batch there (`base.layer_shared_caches`)."""
+    caches, members, out = base.layer_shared_caches(model, rows, diverge, len(tokens))
+    logits = prefill(model, mx.array(tokens)[None], caches, prefill_step_size)
+    caches = base.spread_rows(caches, members, diverge)
+    pick = [out.index(base.TRUNK if d is None else k) for k, d in enumerate(diverge)]
+    return caches, logits[mx.array(pick)]
 
 
 def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
@@ -164,23 +126,22 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
     """Prefill a batch: (left-padded batch caches carrying the rows' plans, logits (B, vocab)).
 
     Rows with the same prompt share its prefill up to the first position where
-    their steering differs (`prefix.plan`); of the others, rows with the same
-    prompt share the blocks below the first one each steers (`prefix.layered`);
-    the rest run left-padded together. `share=False` prefills every row (for
-    measuring).
+    their steering differs (`prefix.plan`); rows with the same prompt steered from
+    different blocks share the blocks before their first steered one
+    (`prefix.layer_plan`); the others run left-padded together. `share=False`
+    prefills every row (for measuring).
     """
     groups, solo = prefix.plan(toks, rows) if share else ([], [])
-    layered: list[prefix.Layered] = []
-    if share and base.can_replay(model):
-        layered, solo = prefix.layered(toks, rows, solo, base.num_layers(model))
+    layered: list[prefix.LayerGroup] = []
+    if share and base.shares_layers(model):
+        layered, solo = prefix.layer_plan(toks, rows, solo)
     if not groups and not layered:
         return _prefill_padded(model, toks, rows, prefill_step_size)
     parts = []  # (batch rows, caches, logits)
     for lg in layered:
-        for local, c, logits in _prefill_layered(
-                model, list(toks[lg.rows[0]]), [rows[i] for i in lg.rows], lg.depths,
-                prefill_step_size):
-            parts.append(([lg.rows[j] for j in local], c, logits))
+        parts.append((list(lg.rows), *_prefill_layered(
+            model, list(toks[lg.rows[0]]), [rows[i] for i in lg.rows], lg.diverge,
+            prefill_step_size)))
     if solo:
         parts.append((solo, *_prefill_padded(model, [toks[i] for i in solo],
                                              [rows[i] for i in solo], prefill_step_size)))
@@ -216,6 +177,10 @@ class RowResult:
     first_logprobs: np.ndarray = field(repr=False)  # (vocab,) at the first generated token
 
 
+# Written here on purpose rather than mlx-lm's BatchGenerator / batch_generate: those
+# take one sampler for the whole batch and build the rows' KV caches themselves, while
+# each row here keeps its own cache (made by models.base, carrying that row's steering
+# plan) and its own seeded sampler, so a row decodes exactly as the lone request would.
 def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
           rows: Sequence[Sequence[Steer]], max_tokens: int, temperature: float,
           top_p: float, seed: int | Sequence[int | None] | None,

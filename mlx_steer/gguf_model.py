@@ -1,5 +1,10 @@
 """Load a llama-architecture GGUF file as an mlx-lm model and tokenizer.
 
+Hand-written on purpose: mlx-lm 0.32 writes GGUF files (`mlx_lm.gguf`) but does not
+read them, so the tensors are mapped here onto mlx-lm's llama model, and the
+byte-level BPE tokenizer is rebuilt from the file's own metadata with `tokenizers`
+(no Hugging Face download, so the embedded model works offline).
+
 `mx.load` reads only some GGUF tensor types correctly (Q4_0, Q4_1, Q8_0, F16,
 F32); every other type is refused with a clear error before anything loads.
 """

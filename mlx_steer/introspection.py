@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -50,16 +48,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import activations, validate
 from . import metrics as M
-from .errors import InvalidArgumentError, LayerOutOfRangeError
+from .config import home
+from .errors import InvalidArgumentError, StorageError
+from .files import atomic_path
 from .steer import Steer
 
 if TYPE_CHECKING:
     from .lab import Lab
 
-Progress = Callable[[int, int], None]
+Progress = activations.Progress
 DEFAULT_LAYER_FRACTION = 2 / 3
-DEFAULT_STRENGTHS = (2.0,)  # raw multiples; the paper's best are 2 and 4
+DEFAULT_SCALES = (2.0,)  # raw multipliers of the word vector; the paper's best are 2 and 4
 
 # Phrases added to the JSON's negative list: refusals and denials that the
 # JSON list does not cover ("I don't have the ability to ...", "As an AI ...").
@@ -292,8 +293,6 @@ _MEMORY: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _cache_file(lab: "Lab") -> Path:
-    from .library import home
-
     return home() / "introspection" / f"{lab.fingerprint[:16]}.npz"
 
 
@@ -314,13 +313,11 @@ def _save_disk(lab: "Lab", template: str, table: dict[str, tuple[np.ndarray, np.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         words = sorted(table)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path, suffix=".npz.tmp") as tmp, open(tmp, "wb") as f:
             np.savez(f, template=np.array(template), words=np.array(words),
                      acts=np.stack([table[w][0] for w in words]),
                      norms=np.stack([table[w][1] for w in words]))
-        os.replace(tmp, path)
-    except OSError:
+    except (OSError, StorageError):
         pass  # the cache is an optimisation only
 
 
@@ -358,17 +355,12 @@ def word_activations(lab: "Lab", words: Sequence[str], progress: Progress | None
 def _capture_each(lab: "Lab", texts: list[str], progress: Progress | None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Last-token states (N, L, D) and per-text median token norms (N, L), batched."""
-    from .extract import BATCH, _valid_positions
-
     acts, norms = [], []
-    for start in range(0, len(texts), BATCH):
-        for h in lab.hidden_states_batch(texts[start:start + BATCH], chat=True):
-            ok = _valid_positions(h)
-            acts.append(h[:, -1])
-            norms.append(np.median(np.linalg.norm(h[:, ok], axis=-1), axis=1)
-                         if ok.any() else np.linalg.norm(h[:, -1], axis=-1))
-        if progress:
-            progress(min(start + BATCH, len(texts)), len(texts))
+    for h in activations.batches(lab, texts, True, progress):
+        ok = activations.valid_positions(h)
+        acts.append(h[:, -1])
+        norms.append(np.median(np.linalg.norm(h[:, ok], axis=-1), axis=1)
+                     if ok.any() else np.linalg.norm(h[:, -1], axis=-1))
     return np.stack(acts), np.stack(norms)
 
 
@@ -436,9 +428,9 @@ def _decode(lab: "Lab", rows: Sequence[_Row], max_tokens: int, temperature: floa
     return texts
 
 
-def run(lab: "Lab", trials: int = 20, layer: int | None = None,
+def detection_test(lab: "Lab", trials: int = 20, layer: int | None = None,
         layer_fraction: float = DEFAULT_LAYER_FRACTION,
-        strengths: Sequence[float] = DEFAULT_STRENGTHS, relative: bool = False,
+        strengths: Sequence[float] = DEFAULT_SCALES, relative: bool = False,
         control_trials: int | None = None, yes_bias: int = 20, max_tokens: int = 100,
         temperature: float = 1.0, seed: int | None = 0, batch_size: int = 16,
         words: Sequence[str] | None = None, baseline_words: Sequence[str] | None = None,
@@ -470,10 +462,7 @@ def run(lab: "Lab", trials: int = 20, layer: int | None = None,
         if not 0 < layer_fraction < 1:
             raise InvalidArgumentError(f"layer_fraction must be in (0, 1), got {layer_fraction}")
         layer = min(L - 1, int(round(layer_fraction * L)))
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
-        raise LayerOutOfRangeError(
-            f"layer {layer!r} is out of range: this model has {L} layers (0 … {L - 1})")
-    layer = int(layer)
+    layer = validate.layer(layer, L)
     for name, n in (("trials", trials), ("yes_bias", yes_bias)):
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise InvalidArgumentError(f"{name} must be an int >= 0, got {n!r}")

@@ -11,8 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import activations, generation, threads, validate
 from . import bake as baking
-from . import generation, threads, validate
+from .concepts import ConceptStore
 from .errors import EmptyPromptError, InvalidArgumentError, PromptTooLongError
 from .models import base
 from .steer import Steer, SteerLike, as_steers, check_steers, expand_steers
@@ -56,8 +57,9 @@ class Lab:
         args = getattr(model, "args", None)
         self.context_length = int(context_length or getattr(
             args, "max_position_embeddings", None) or 4096)
-        self.lock = threading.RLock()  # for callers that want to serialise work
+        self.lock = threading.RLock()  # the server serialises model work on it
         self._fingerprint: str | None = None
+        self.concepts = ConceptStore(self)  # saved, built-in and new concepts
 
     # ---- shape of the model -------------------------------------------------
     @property
@@ -111,9 +113,11 @@ class Lab:
             return self.encode(prompt, chat)
         return validate.token_ids(prompt, self.vocab_size)
 
-    def _check(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
-               ) -> list[Steer]:
-        """Raise a typed error for bad input; the steers with layer ranges expanded."""
+    def check_input(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int = 0
+                    ) -> list[Steer]:
+        """Raise a typed error for bad input (no tokens, too long, steers that do not fit
+        this model); the steers with layer ranges expanded. Marks this thread as one that
+        runs the model."""
         if not tokens:
             raise EmptyPromptError("the prompt encodes to no tokens")
         if len(tokens) + max_tokens > self.context_length:
@@ -126,12 +130,14 @@ class Lab:
         threads.note_thread()  # this thread is about to run the model
         return expand_steers(steers, self.num_layers)
 
+    _check = check_input  # the old private name: branches in flight still call it
+
     def check_request(self, tokens: Sequence[int], steers: list[Steer], max_tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0) -> list[Steer]:
         """Raise the typed error `generate` would raise for this request (tokens given);
         return its steers with layer ranges expanded, as `generate` would run them."""
         _check_options(max_tokens, temperature, top_p)
-        return self._check(tokens, steers, max_tokens)
+        return self.check_input(tokens, steers, max_tokens)
 
     # ---- forward passes -------------------------------------------------------
     def trace(self, text: str | Sequence[int], steer: SteerLike = None,
@@ -143,7 +149,7 @@ class Lab:
         generated sequence can be replayed exactly.
         """
         tokens = self._tokens(text, chat)
-        steers = self._check(tokens, as_steers(steer))
+        steers = self.check_input(tokens, as_steers(steer))
         if prompt_len is not None:
             prompt_len = validate.integer(prompt_len, "prompt_len", 1, len(tokens))
         plans = base.build_plans([steers], [prompt_len or len(tokens)])
@@ -164,8 +170,8 @@ class Lab:
         """Next-token logits at every position: float32 (T, vocab)."""
         return self.trace(text, steer, chat).logits
 
-    def hidden_states_batch(self, texts: Sequence[str], chat: bool = False,
-                            steer: SteerLike = None) -> list[np.ndarray]:
+    def hidden_states_batch(self, texts: Sequence[str], steer: SteerLike = None,
+                            chat: bool = False) -> list[np.ndarray]:
         """Block outputs of many texts in one left-padded forward pass.
 
         Returns one float32 (num_layers, T_i, D) array per text, padding removed.
@@ -175,7 +181,7 @@ class Lab:
         toks = [self.encode(t, chat) for t in texts]
         steers = as_steers(steer)
         for t in toks:
-            self._check(t, steers)
+            self.check_input(t, steers)
         steers = expand_steers(steers, self.num_layers)
         width = max(map(len, toks))
         pads = [width - len(t) for t in toks]
@@ -197,7 +203,7 @@ class Lab:
         tokens = self.encode(prompt, chat)
         max_tokens, temperature, top_p = _check_options(max_tokens, temperature, top_p)
         seed = validate.seed(seed)
-        steers = self._check(tokens, as_steers(steer), max_tokens)
+        steers = self.check_input(tokens, as_steers(steer), max_tokens)
         plans = base.build_plans([steers], [len(tokens)])
         caches = base.make_caches(self.model, plans)
         return generation.stream(self.model, self.tokenizer, tokens, caches,
@@ -251,143 +257,53 @@ class Lab:
                     f"each request must be a (prompt, steer) pair, got {req!r:.60}")
             prompt, steer = req
             t = self._tokens(prompt, chat)
-            s = self._check(t, as_steers(steer), max_tokens)
+            s = self.check_input(t, as_steers(steer), max_tokens)
             toks.append(t)
             rows.append(s)
         return generation.batch(self.model, self.tokenizer, toks, rows, max_tokens,
                                 temperature, top_p, seed, progress)
 
-    # ---- concepts ---------------------------------------------------------------
+    # ---- concepts (owned by `self.concepts`; one-line delegators the README uses) ----
     @property
     def library(self) -> "Library":
-        """This model's saved concepts (under `mlx_steer.library.home()`)."""
-        from .library import Library
-
-        return Library(self.fingerprint, self.name)
-
-    def builtins(self) -> list[str]:
-        from .library import BUILTINS
-
-        return list(BUILTINS)
-
-    def concepts(self) -> list[str]:
-        """Names usable with `concept()`: the 17 built-ins and this model's library."""
-        return sorted(set(self.builtins()) | set(self.library.names()))
+        """This model's saved concepts: `self.concepts.library`."""
+        return self.concepts.library
 
     def concept(self, name: str, progress: Callable[[int, int], None] | None = None
                 ) -> "Concept":
-        """A concept by name: the library's, else a built-in (extracted once, cached;
-        `progress(done, total)` reports that extraction)."""
-        from .errors import ConceptNotFoundError
-        from .library import validate_name
-
-        name = validate_name(name)
-        if name in self.library:
-            return self.library.load(name)
-        if name in self.builtins():
-            return self._builtin(name, progress)
-        raise ConceptNotFoundError(
-            f"no concept {name!r} for {self.name}; available: {', '.join(self.concepts())}")
-
-    def ready_concept(self, name: str) -> "Concept | None":
-        """`concept(name)` when that needs no extraction (saved, or a built-in already
-        cached for this model), else None."""
-        from .library import validate_name
-
-        name = validate_name(name)
-        if name in self.library:
-            return self.library.load(name)
-        return self._cached_builtin(name) if name in self.builtins() else None
-
-    @staticmethod
-    def _builtin_digest(name: str) -> str:
-        """What a cached built-in was made from: its spec and the calibration rule."""
-        from .calibrate import CALIBRATION_VERSION
-        from .library import builtin_spec, spec_digest
-
-        return spec_digest({**builtin_spec(name), "calibration_version": CALIBRATION_VERSION})
-
-    def _cached_builtin(self, name: str) -> "Concept | None":
-        from .errors import MlxSteerError
-        from .library import Library
-
-        cache = Library(self.fingerprint, self.name, sub="builtin")
-        if name in cache:
-            try:
-                c = cache.load(name)
-                if c.extra.get("spec_digest") == self._builtin_digest(name):
-                    return c
-            except MlxSteerError:
-                pass  # unreadable, invalid or another model's: extracted again by _builtin
-        return None
-
-    def _builtin(self, name: str, progress: Callable[[int, int], None] | None = None
-                 ) -> "Concept":
-        from .library import Library, builtin_spec
-
-        c = self._cached_builtin(name)
-        if c is not None:
-            return c
-        cache = Library(self.fingerprint, self.name, sub="builtin")
-        spec = builtin_spec(name)
-        c = self.extract(name, spec["pairs"], method="mean", read="last",
-                         chat=spec.get("template") == "chat", progress=progress,
-                         category=spec.get("category", "builtin"),
-                         description=spec.get("description", ""),
-                         instruction=spec.get("instruction"))
-        c.extra["spec_digest"] = self._builtin_digest(name)
-        c.extra["builtin"] = True
-        cache.save(c)
-        return c
+        """A concept by name: `self.concepts.get(name, progress)`."""
+        return self.concepts.get(name, progress)
 
     def ensure_builtins(self, progress: Callable[[int, int], None] | None = None,
                         ) -> list["Concept"]:
-        """Every built-in concept for this model (missing ones are extracted and cached).
-
-        Shows a tqdm bar unless `progress(done, total)` is given.
-        """
-        names = self.builtins()
-        bar = None
-        if progress is None:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(names), desc="built-in concepts", unit="concept")
-        out = []
-        for i, name in enumerate(names):
-            out.append(self._builtin(name))
-            if bar is not None:
-                bar.update(1)
-            else:
-                progress(i + 1, len(names))
-        if bar is not None:
-            bar.close()
-        return out
+        """Every built-in, extracted where missing: `self.concepts.ensure_builtins`."""
+        return self.concepts.ensure_builtins(progress)
 
     def extract(self, name: str, pairs: Sequence[tuple[str, str]], method: str = "mean",
                 read: str = "last", chat: bool = False,
                 progress: Callable[[int, int], None] | None = None,
                 layer: int | None = None, seed: int = 0, **meta) -> "Concept":
-        """A concept from (positive, negative) pairs: a vector for every layer (not saved).
+        """A concept from (positive, negative) pairs (not saved): `self.concepts.extract`.
 
         `method`: "mean", "pca", "classic" or "trained" (a preference-trained vector at
         `layer`, default the recommended block; see `mlx_steer.train`)."""
-        from .extract import extract
+        return self.concepts.extract(name, pairs, method, read, chat, progress, layer=layer,
+                                     seed=seed, **meta)
 
-        return extract(self, name, pairs, method, read, chat, progress, layer=layer,
-                       seed=seed, **meta)
+    def save_concept(self, concept: "Concept") -> "Path":
+        """Save to this model's library: `self.concepts.save(concept)`."""
+        return self.concepts.save(concept)
+
+    def residual_norms(self) -> np.ndarray:
+        """Median residual token norm per block over neutral prompts (float32, (L,)): the
+        norm that turns a relative strength into a raw scale."""
+        return activations.residual_norms(self)
 
     def bake(self, steer: SteerLike, path: "str | Path", overwrite: bool = False) -> "Path":
         """Write an MLX model folder with `steer` folded into the weights (ablation at
         every block, additions at one block each); `mlx_lm.load(path)` opens it
         without mlx-steer. See `mlx_steer.bake` for what can be baked."""
         return baking.save(self, steer, path, overwrite)
-
-    def save_concept(self, concept: "Concept") -> "Path":
-        """Save to this model's library (atomic; refuses another model's concept)."""
-        return self.library.save(concept)
-
-    def delete_concept(self, name: str) -> None:
-        self.library.delete(name)
 
 
 def _check_options(max_tokens: int, temperature: float, top_p: float

@@ -122,32 +122,6 @@ def _token_norm_mask(layer_hidden: np.ndarray) -> np.ndarray:
     return ~metrics.massive_positions(layer_hidden)
 
 
-def residual_norms(lab, texts: Sequence[str] | str, chat: bool = False) -> np.ndarray:
-    """Median ‖h‖ over ordinary tokens of `texts`, per layer: float64 (num_layers,).
-
-    Position 0 (and any massive-activation position) is excluded;
-    the same measure concepts use for relative strength.
-    """
-    from .extract import capture
-
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts:
-        raise ValueError("residual_norms needs at least one text")
-    return capture(lab, list(texts), "last", chat)[1].astype(np.float64)
-
-
-def norm_records(norms: np.ndarray, growth: bool = True) -> list[dict]:
-    """Records (layer, norm[, growth]) where growth is the ratio to the previous layer."""
-    recs = []
-    for i, n in enumerate(np.asarray(norms, dtype=np.float64)):
-        r = {"layer": i, "norm": float(n)}
-        if growth:
-            r["growth"] = float(n / norms[i - 1]) if i else float("nan")
-        recs.append(r)
-    return recs
-
-
 # ---- logit lens ---------------------------------------------------------------------
 
 

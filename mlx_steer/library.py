@@ -18,83 +18,23 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import time
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .concept import SCHEMA_VERSION, Concept
-from .errors import (ConceptNotFoundError, CorruptFileError, InvalidNameError,
-                     ModelMismatchError, MlxSteerError, StorageError)
+from .catalogue import BUILTINS, builtin_spec  # noqa: F401 - re-exported: scripts import them here
+from .concept import NAME_PATTERN, SCHEMA_VERSION, Concept, validate_name
+from .config import home
+from .errors import (ConceptNotFoundError, CorruptFileError, ModelMismatchError,
+                     MlxSteerError, StorageError)
+from .files import atomic_write, read_json
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _VECTORS = re.compile(r"^([a-z0-9][a-z0-9_\-]{0,63})\.[0-9a-f]{16}(-[0-9a-f]{8})?\.safetensors$")
 _TMP = re.compile(r"^\..*\.tmp$")
 GRACE_S = 600.0  # unreferenced files younger than this may still be read: kept
 MAX_META_BYTES = 16 << 20  # a concept's JSON holds pairs and scores: a few hundred KiB
-BUILTINS = ("happy", "sad", "angry", "fearful", "excited", "calm", "formal", "casual",
-            "poetic", "technical", "pirate", "shakespeare", "enthusiastic", "pessimistic",
-            "confident", "brief", "verbose")
-
-
-def home() -> Path:
-    """Root of mlx-steer's user data: $MLX_STEER_HOME or ~/.cache/mlx-steer."""
-    return Path(os.environ.get("MLX_STEER_HOME") or Path.home() / ".cache" / "mlx-steer")
-
-
-def validate_name(name: str) -> str:
-    """Lower-cased name of 1–64 letters, digits, '_' or '-' (no paths, no dots)."""
-    if not isinstance(name, str):
-        raise InvalidNameError(f"a concept name must be text, got {type(name).__name__}")
-    clean = name.strip().lower()
-    if not _NAME.match(clean):
-        raise InvalidNameError(
-            f"invalid concept name {name!r}: use 1–64 letters, digits, '_' or '-', "
-            "starting with a letter or digit (no spaces, dots or slashes)")
-    return clean
-
-
-def read_json(text: str | bytes, what: str):
-    """Parsed JSON; anything unreadable (bad syntax, bad UTF-8, nesting too deep for
-    Python's recursive parser) raises CorruptFileError naming `what`."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
-        msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
-        raise CorruptFileError(f"{what} is not valid JSON ({msg})") from None
-
-
-def builtin_spec(name: str) -> dict:
-    """The packaged JSON spec of a built-in concept."""
-    path = resources.files("mlx_steer").joinpath(f"data/concepts/{name}.json")
-    return read_json(path.read_text(), f"built-in concept file {name}.json")
-
-
-def spec_digest(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`:
-    readers see the old file or the new one, never a part."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StorageError(f"cannot write {path.name} in {path.parent}: "
-                           f"{e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Library:
@@ -111,7 +51,7 @@ class Library:
     def names(self) -> list[str]:
         if not self.dir.is_dir():
             return []
-        return sorted(p.stem for p in self.dir.glob("*.json") if _NAME.match(p.stem))
+        return sorted(p.stem for p in self.dir.glob("*.json") if NAME_PATTERN.match(p.stem))
 
     def __contains__(self, name: str) -> bool:
         return (self.dir / f"{validate_name(name)}.json").is_file()
@@ -140,14 +80,14 @@ class Library:
         digest = hashlib.sha256(blob).hexdigest()[:16]
         vec_path = self.dir / f"{name}.{digest}-{secrets.token_hex(4)}.safetensors"
         try:
-            _atomic_write(vec_path, blob)
+            atomic_write(vec_path, blob)
             meta = json.loads(text)
             meta.update(name=name, schema_version=SCHEMA_VERSION, vectors_file=vec_path.name,
                         sha256=digest, hidden_size=concept.hidden_size,
                         num_layers=concept.num_layers, saved=time.time())
             meta_path = self.dir / f"{name}.json"
             old = self._vectors_file(meta_path)
-            _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+            atomic_write(meta_path, json.dumps(meta, indent=1).encode())
         except StorageError as e:
             _unlink(vec_path)
             raise StorageError(f"concept {name!r} was not saved ({e}); what was saved "
@@ -203,7 +143,7 @@ class Library:
                 if attempt == 2:
                     raise CorruptFileError(
                         f"concept {name!r} cannot be read: its vectors file is missing; "
-                        "delete it with `mlx-steer concepts delete` or lab.delete_concept "
+                        "delete it with `mlx-steer concepts delete` or lab.concepts.delete "
                         "and extract it again") from None
         if concept.model_fingerprint != self.fingerprint:
             raise ModelMismatchError(f"concept {name!r} on disk belongs to another model")
@@ -236,7 +176,7 @@ class Library:
             msg = str(e).splitlines()[0][:200] if str(e) else ""
             raise CorruptFileError(
                 f"concept {name!r} cannot be read ({type(e).__name__}: {msg}); delete it "
-                "with `mlx-steer concepts delete` or lab.delete_concept and extract it "
+                "with `mlx-steer concepts delete` or lab.concepts.delete and extract it "
                 "again") from None
 
     def unreadable(self) -> dict[str, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import gguf_model, model_cache
 from .errors import InvalidArgumentError, ModelNotFoundError, UnsupportedModelError
 from .lab import Lab
 from .models import base
@@ -91,14 +92,10 @@ def load(name: str | None = None, dequantize: bool | None = None, group=None,
 
 def _load_gguf(path: Path, name: str, dequantize: bool | None, group=None,
                sharding: str = "auto") -> Lab:
-    from . import gguf_model
-
     if dequantize is None:
         dequantize = default_dequantize()
     if dequantize:
-        from .model_cache import load_expanded
-
-        model, tokenizer = load_expanded(path)
+        model, tokenizer = model_cache.load_expanded(path)
     else:
         model, meta = gguf_model.load_model(path)
         tokenizer = gguf_model.load_tokenizer(meta)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import gguf_model
-from .library import home
+from . import config, gguf_model
+from .config import home
+from .fastpath import twins as fast_twins
 
 FORMAT = "mlx-steer-expanded-gguf/2"
 MAX_BYTES = 4 << 30  # larger models are expanded in memory but not written out
@@ -30,7 +31,7 @@ WEIGHTS, TOKENIZER = "model.safetensors", "tokenizer.json"
 
 
 def enabled() -> bool:
-    return os.environ.get("MLX_STEER_WEIGHT_CACHE", "1").strip().lower() not in ("0", "no", "false", "off")
+    return config.flag("MLX_STEER_WEIGHT_CACHE")
 
 
 def entry_dir(path: Path) -> Path:
@@ -62,8 +63,6 @@ def load_expanded(path: Path):
 
 def _build(args, weights: dict):
     """The model, with its quantised twins registered with the fast path's shim."""
-    from .fastpath import twins as fast_twins
-
     twins = gguf_model.split_twins(weights)
     model = gguf_model.build_model(args, weights)
     fast_twins.attach(model, twins)

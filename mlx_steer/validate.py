@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import (EmptyPromptError, InvalidArgumentError, InvalidTokenError,
-                     MlxSteerError)
+                     LayerOutOfRangeError, MlxSteerError)
 
 SEED_MAX = 2**64 - 1  # MLX's random keys take an unsigned 64-bit seed
 INT32_MAX = 2**31 - 1  # positions and sizes MLX stores as int32
@@ -42,6 +42,16 @@ def integer(x, what: str, lo: int | None = None, hi: int | None = None,
         span = f"{'' if lo is None else lo} … {'' if hi is None else hi}".strip()
         raise error(f"{what} must be in {span}, got {v}")
     return v
+
+
+def layer(x, num_layers: int) -> int:
+    """A 0-based block index of a model with `num_layers` blocks (the one layer check)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or not (
+            0 <= x < num_layers):
+        raise LayerOutOfRangeError(
+            f"layer {x!r} is out of range: this model has {num_layers} layers "
+            f"(0 … {num_layers - 1})")
+    return int(x)
 
 
 def seed(x) -> int | None:

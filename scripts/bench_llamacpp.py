@@ -110,10 +110,16 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+# llama.cpp's "extra buffer types" (weights repacked for AMX or wider SIMD kernels): on by
+# default; --no-extra-bufts turns them off (a CPU reporting AMX that the virtual machine
+# does not let a process use makes their products crash).
+EXTRA_BUFTS = [True]
+
+
 class Engine:
     """A llama.cpp model + context, greedy generation with EOS banned, control vectors."""
 
-    def __init__(self, path: Path, threads: int, n_ctx: int = 512, extra_bufts: bool = True):
+    def __init__(self, path: Path, threads: int, n_ctx: int = 512):
         import numpy as np
         import llama_cpp as ll
 
@@ -121,10 +127,8 @@ class Engine:
         self.np, self.ll, self.path = np, ll, path
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
-        # Extra buffer types repack weights for other kernels (on x86 with AMX: the AMX
-        # kernels, which crash where the CPU reports AMX but the OS or VM does not grant
-        # its tile state); without them the GGML CPU kernels run the GGUF's own blocks.
-        mp.use_extra_bufts = bool(extra_bufts)
+        if hasattr(mp, "use_extra_bufts"):
+            mp.use_extra_bufts = EXTRA_BUFTS[0]
         self.model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -248,6 +252,7 @@ class Engine:
             "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
             "system_info": ll.llama_print_system_info().decode().strip(),
             "model": self.path.name,
+            "extra_bufts": EXTRA_BUFTS[0],
             "model_desc": buf.value.decode(),
             "model_tensor_bytes": size,
             "n_params": ll.llama_model_n_params(self.model),
@@ -428,12 +433,22 @@ def run_in_child(workloads=DEFAULT, runs: int = 3, tokens: int = 64, *, threads:
     if model:
         cmd += ["--model", str(model)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    crashed = None
+    if p.returncode < 0:  # killed by a signal: again without the extra buffer types
+        crashed = p.returncode
+        p = subprocess.run(cmd + ["--no-extra-bufts"], env=env, capture_output=True,
+                           text=True, timeout=timeout)
     if p.returncode == NOT_INSTALLED_RC:
         raise LlamaCppNotInstalled(INSTALL_HINT)
     if p.returncode != 0:
         raise RuntimeError(f"llama.cpp benchmark child failed ({p.returncode}): "
                            f"{p.stderr[-2000:]}")
-    return json.loads(p.stdout)
+    out = json.loads(p.stdout)
+    if crashed is not None:
+        out["meta"]["extra_bufts_note"] = (
+            f"with llama.cpp's extra buffer types the child died of signal {-crashed}; "
+            "measured without them")
+    return out
 
 
 def main(argv=None) -> int:
@@ -452,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-norm", type=float, default=100.0,
                     help="norm of the control vector of the check workload")
     ap.add_argument("--model", default=None, help="a GGUF file (default: the embedded model)")
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="load without llama.cpp's extra buffer types (repacked weights, AMX)")
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                     help="write JSON to PATH ('-': stdout, the table then goes to stderr)")
     args = ap.parse_args(argv)
@@ -464,6 +481,7 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("llama_cpp") is None:
         print(INSTALL_HINT, file=sys.stderr)
         return NOT_INSTALLED_RC
+    EXTRA_BUFTS[0] = not args.no_extra_bufts
     d = measure(workloads, args.runs, args.tokens, args.threads, args.layer, args.cvec_norm,
                 args.check_norm, args.model)
     if args.json == "-":

@@ -80,9 +80,10 @@ def load_control_vector(path: str, n_embd: int, n_layer: int):
 def child(spec: dict) -> dict:
     import ctypes
 
-    from bench_llamacpp import Engine
+    import bench_llamacpp
 
-    eng = Engine(Path(spec["model"]), spec["threads"], extra_bufts=spec["extra_bufts"])
+    bench_llamacpp.EXTRA_BUFTS[0] = spec["extra_bufts"]
+    eng = bench_llamacpp.Engine(Path(spec["model"]), spec["threads"])
     ll, np = eng.ll, eng.np
     eog = set(int(t) for t in eng.banned)
     K = spec["tokens"]

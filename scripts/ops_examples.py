@@ -29,7 +29,7 @@ import numpy as np
 
 import mlx_steer
 from mlx_steer import experiments as ex
-from mlx_steer.extract import neutral_prompts
+from mlx_steer.prompts import neutral_prompts
 
 EVOKING = {
     "happy": ["Write a cheerful birthday message for my best friend.",

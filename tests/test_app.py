@@ -38,7 +38,7 @@ def app_env():
     m = lab()
     for name in ("test_glad", "test_mix", "test_exp_mix", "test_broken"):
         if name in m.library:
-            m.delete_concept(name)
+            m.concepts.delete(name)
 
 
 def open_page(page: str | None = None, **session):
@@ -80,10 +80,7 @@ def chart_with(at, *columns: str, exact: bool = False) -> pd.DataFrame:
 
 def lab():
     """The app's own cached model (st.cache_resource persists across AppTests)."""
-    import sys
-
-    sys.path.insert(0, str(APP.parent))
-    import state
+    from app import state
 
     return state._load(None)
 
@@ -184,7 +181,7 @@ def created():
     ok(at)
     charts_before_save = {"rel": chart_with(at, "layer", "value", "series"),
                           "lens": chart_with(at, "direction", "token", "score"),
-                          "listed": "test_glad" in lab().concepts()}
+                          "listed": "test_glad" in lab().concepts.names()}
     at.button(key="creator_save_btn").click().run()
     ok(at)
     return at, charts_before_save
@@ -204,7 +201,7 @@ def test_concept_creator_extracts_previews_and_saves(created):
     assert set(lens_rows.direction) == {"promotes", "suppresses"} and len(lens_rows) == 20
     assert not before["listed"]  # extracted, not saved yet
     assert at.session_state["creator_saved"]
-    assert "test_glad" in m.concepts()
+    assert "test_glad" in m.concepts.names()
     assert m.concept("test_glad").pairs == c.pairs
     assert any("Saved “test_glad”" in s.value for s in at.success)
     # "Try it" streams with st.write_stream and keeps the text
@@ -349,7 +346,7 @@ def test_library_page_marks_a_corrupt_concept_and_lists_the_rest(created):
         assert table.loc["test_glad", "status"] == "ready"
         assert {"happy", "sad"} <= set(table.index)
     finally:
-        m.delete_concept("test_broken")
+        m.concepts.delete("test_broken")
 
 
 def mlx_steer_concept_copy(m, name):
@@ -394,7 +391,7 @@ def test_library_lists_inspects_mixes_exports_and_deletes(created):
     at.checkbox(key="lib_delete_sure").check().run()
     at.button(key="lib_delete_btn").click().run()
     ok(at)
-    assert "test_mix" not in m.concepts()
+    assert "test_mix" not in m.concepts.names()
 
 
 # ---- Experiments ------------------------------------------------------------------------
@@ -428,7 +425,7 @@ def test_experiments_layer_strength_and_mix(created):
     ok(at)
     kinds = [r["kind"] for r in at.session_state["exp_mix"]]
     assert kinds == ["baseline", "component", "component", "mix"]
-    assert "test_exp_mix" in lab().concepts()
+    assert "test_exp_mix" in lab().concepts.names()
     bars = chart_with(at, "label", "concept_score", exact=True)
     assert len(bars) == 4
 
@@ -484,10 +481,8 @@ def test_stream_lock_is_released_when_a_stream_is_abandoned():
     """A stream holds the model lock only while it runs: closing it (what Streamlit does
     when the user navigates away and the script stops) or dropping it releases it."""
     import gc
-    import sys
 
-    sys.path.insert(0, str(APP.parent))
-    import state
+    from app import state
 
     lock = state._lock()
     m = lab()
@@ -511,33 +506,9 @@ def test_stream_lock_is_released_when_a_stream_is_abandoned():
 
 
 def _ui():
-    import sys
+    from app import uploads
 
-    sys.path.insert(0, str(APP.parent))
-    import ui
-
-    return ui
-
-
-def test_pair_uploads_are_parsed_and_validated():
-    ui = _ui()
-    want = [("I am glad", "I am here"), ("What joy", "What news")]
-    as_json = json.dumps([list(p) for p in want]).encode()
-    assert ui.parse_upload("p.json", as_json) == want
-    assert ui.parse_upload("p.json", json.dumps(
-        {"pairs": [{"positive": p, "negative": n} for p, n in want]}).encode()) == want
-    assert ui.parse_upload("p.jsonl", b"\n".join(json.dumps(list(p)).encode()
-                                                  for p in want)) == want
-    assert ui.parse_upload("p.csv", b"positive,negative\nI am glad,I am here\n"
-                                    b"What joy,What news\n") == want
-    assert ui.parse_upload("p.txt", b"I am glad | I am here\n# note\nWhat joy | What news") \
-        == want
-    with pytest.raises(ValueError, match="limit"):
-        ui.parse_upload("p.txt", b"a | b\n" * (ui.MAX_PAIRS_UPLOAD // 6 + 1))
-    with pytest.raises(ValueError, match="non-empty"):
-        ui.parse_upload("p.json", b'[["only one"]]')
-    with pytest.raises(ValueError, match="no '\\|'"):
-        ui.parse_pairs("no separator")
+    return uploads
 
 
 def test_control_vector_import_round_trip_and_refusals(tmp_path):
@@ -549,10 +520,10 @@ def test_control_vector_import_round_trip_and_refusals(tmp_path):
     path = happy.to_gguf(tmp_path / "happy.gguf", layers="all")
     c = ui.import_control_vector(m, "happy.gguf", path.read_bytes(), "test_imported")
     try:
-        assert "test_imported" in m.concepts()
+        assert "test_imported" in m.concepts.names()
         np.testing.assert_allclose(c.vectors[1:], happy.vectors[1:], rtol=1e-6)
     finally:
-        m.delete_concept("test_imported")
+        m.concepts.delete("test_imported")
     with pytest.raises(ValueError, match="limit"):
         ui.import_control_vector(m, "big.gguf", b"\0" * (ui.MAX_GGUF + 1))
     with pytest.raises(CorruptFileError):

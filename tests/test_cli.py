@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_steer import cli
+from mlx_steer import cli, fastpath, pairs
+from mlx_steer.cli import session
 
 STABLE_TIMEOUT = 240
 
@@ -29,12 +30,12 @@ def run_cli(*args: str, preload: bool = True) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "mlx-steer"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlx_steer.cli"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    lib = cli.openblas_path()
+    lib = fastpath.openblas()
     if preload and lib and "openblas" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = lib
+        env["LD_PRELOAD"] = str(lib)
     elif not preload:
         env.pop("LD_PRELOAD", None)
-        env.pop(cli.REEXEC_GUARD, None)
+        env.pop(fastpath.REEXEC_ENV, None)
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env,
                           timeout=STABLE_TIMEOUT)
 
@@ -105,47 +106,40 @@ def test_read_pairs_formats(tmp_path):
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-        assert cli.read_pairs(str(tmp_path / name)) == want, name
+        assert pairs.read(str(tmp_path / name)) == want, name
     for bad in ("[]", "[[\"only one\"]]", "one column line\n", "{\"pairs\": 3}"):
         (tmp_path / "bad.txt").write_text(bad)
         with pytest.raises(InvalidArgumentError):
-            cli.read_pairs(str(tmp_path / "bad.txt"))
+            pairs.read(str(tmp_path / "bad.txt"))
 
 
-def test_openblas_reexec_once(monkeypatch):
+def test_fast_path_reexec_once(monkeypatch):
+    """The CLI restarts itself through fastpath.reexec once, and not when told not to,
+    when restarted already, when a fast BLAS is mapped or when none is available."""
     calls = []
-    monkeypatch.setattr(cli.sys, "platform", "linux")
     lib = "/usr/lib/x/openblas-pthread/libblas.so.3"
-    monkeypatch.setattr(cli, "openblas_path", lambda: lib)
-    monkeypatch.setattr(cli, "preload_value", lambda: lib)
-    monkeypatch.setattr(cli.os, "execve", lambda exe, argv, env: calls.append((argv, env)))
-    for var in ("LD_PRELOAD", cli.REEXEC_GUARD, cli.NO_PRELOAD, "_MLX_STEER_REEXEC"):
+    monkeypatch.setattr(fastpath.sys, "platform", "linux")
+    monkeypatch.setattr(fastpath, "active", lambda: False)
+    monkeypatch.setattr(fastpath, "preload_env", lambda *a: {"LD_PRELOAD": lib})
+    monkeypatch.setattr(fastpath.os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    for var in (fastpath.REEXEC_ENV, fastpath.NO_PRELOAD_ENV, fastpath.DISABLE_ENV):
         monkeypatch.delenv(var, raising=False)
-    cli.maybe_reexec(["generate", "--prompt", "hi"])
+    fastpath.reexec(["-m", "mlx_steer.cli", "generate", "--prompt", "hi"])
     (argv, env), = calls
     assert argv[1:] == ["-m", "mlx_steer.cli", "generate", "--prompt", "hi"]
-    assert env["LD_PRELOAD"].endswith("libblas.so.3") and env[cli.REEXEC_GUARD] == "1"
-    monkeypatch.setenv(cli.REEXEC_GUARD, "1")  # the re-executed process: no loop
-    cli.maybe_reexec([])
-    monkeypatch.delenv(cli.REEXEC_GUARD)
-    monkeypatch.setenv("LD_PRELOAD", "/opt/openblas/libopenblas.so")  # already preloaded
-    cli.maybe_reexec([])
-    monkeypatch.delenv("LD_PRELOAD")
-    monkeypatch.setenv(cli.NO_PRELOAD, "1")
-    cli.maybe_reexec([])
-    monkeypatch.delenv(cli.NO_PRELOAD)
-    monkeypatch.setattr(cli, "openblas_path", lambda: None)  # no OpenBLAS installed
-    cli.maybe_reexec([])
+    assert env["LD_PRELOAD"] == lib and env[fastpath.REEXEC_ENV] == "1"
+    monkeypatch.setenv(fastpath.REEXEC_ENV, "1")  # the re-executed process: no loop
+    fastpath.reexec([])
+    monkeypatch.delenv(fastpath.REEXEC_ENV)
+    monkeypatch.setenv(fastpath.NO_PRELOAD_ENV, "1")
+    fastpath.reexec([])
+    monkeypatch.delenv(fastpath.NO_PRELOAD_ENV)
+    monkeypatch.setattr(fastpath, "active", lambda: True)  # already preloaded
+    fastpath.reexec([])
+    monkeypatch.setattr(fastpath, "active", lambda: False)
+    monkeypatch.setattr(fastpath, "preload_env", lambda *a: {})  # nothing to preload
+    fastpath.reexec([])
     assert len(calls) == 1
-
-
-def test_preload_value_names_openblas():
-    lib = cli.openblas_path()
-    value = cli.preload_value()
-    if lib is None:
-        assert value is None or "openblas" not in value
-    else:
-        assert value and lib in value
 
 
 # ---- the stable forms, end to end in subprocesses ------------------------------------------
@@ -220,7 +214,7 @@ def test_model_errors_are_one_line():
 
 @pytest.fixture
 def inproc(smollm, monkeypatch):
-    monkeypatch.setitem(cli._LABS, None, smollm)
+    monkeypatch.setitem(session.LABS, None, smollm)
     return smollm
 
 

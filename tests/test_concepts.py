@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from mlx_steer import Concept, Steer, errors
-from mlx_steer.library import BUILTINS, Library, builtin_spec, validate_name
+from mlx_steer.catalogue import BUILTINS, builtin_spec
+from mlx_steer.concept import validate_name
+from mlx_steer.library import Library
 from tiny import PAIRS, tiny_home, tiny_lab  # noqa: F401 - tiny_home: autouse
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_unsafe_names_are_refused(bad):
 
 def test_library_round_trip(lab, concept):
     lab.save_concept(concept)
-    assert "joy" in lab.concepts() and set(BUILTINS) <= set(lab.concepts())
+    assert "joy" in lab.concepts.names() and set(BUILTINS) <= set(lab.concepts.names())
     back = lab.concept("joy")
     assert np.array_equal(back.vectors, concept.vectors)
     assert np.array_equal(back.norms, concept.norms)
@@ -141,8 +143,8 @@ def test_library_round_trip(lab, concept):
     for key in ("name", "method", "pairs", "norms", "layer", "strength", "model_fingerprint",
                 "hidden_size", "num_layers", "schema_version", "created"):
         assert key in meta or key == "norms"
-    lab.delete_concept("joy")
-    assert "joy" not in lab.concepts() and list(lab.library.dir.iterdir()) == []
+    lab.concepts.delete("joy")
+    assert "joy" not in lab.concepts.names() and list(lab.library.dir.iterdir()) == []
     with pytest.raises(errors.ConceptNotFoundError):
         lab.concept("joy")
 
@@ -176,7 +178,7 @@ def test_corrupt_files_give_typed_errors_and_spare_the_rest(lab, concept):
     (lab.library.dir / "calmness.json").write_text("{not json")
     with pytest.raises(errors.CorruptFileError):
         lab.concept("calmness")
-    assert {"joy", "calmness"} <= set(lab.concepts())
+    assert {"joy", "calmness"} <= set(lab.concepts.names())
 
 
 def test_crash_mid_save_keeps_the_previous_version(lab, concept, monkeypatch):
@@ -283,7 +285,7 @@ def test_builtin_is_extracted_once_then_read_from_cache(lab, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("extracted again")
 
-    monkeypatch.setattr(type(lab), "extract", boom)
+    monkeypatch.setattr(type(lab.concepts), "extract", boom)  # what makes built-ins
     again = lab.concept("pirate")
     assert np.array_equal(again.vectors, first.vectors)
     assert "pirate" not in lab.library.names()  # built-in cache is separate

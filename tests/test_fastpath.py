@@ -105,7 +105,8 @@ CHILD = textwrap.dedent(r'''
             return buf.reshape(cols, ld)[:, :rows].T
 
         shapes = ((1, 5, 7), (3, 1, 7), (1, 1, 7), (3, 5, 7), (2, 9, 16), (5, 70, 33),
-                  (16, 12, 64), (17, 8, 16), (6, 300, 301))  # (M, N, K)
+                  (16, 12, 64), (17, 8, 16), (6, 300, 301), (1, 300, 301),
+                  (1, 64, 700))  # (M, N, K)
         for order in (101, 102):
             for ta in (111, 112):
                 for tb in (111, 112):
@@ -251,10 +252,13 @@ def runs(tmp_path_factory):
 
 
 def _shim_counts(stderr: str) -> tuple[int, int, int, int]:
+    """(one-row products, counting small ones kept in the shim; few-row; twins; sgemm)."""
     m = re.search(r"(\d+) one-row products sent to sgemv, (\d+) few-row products to the "
-                  r"small kernel, (\d+) to quantised twins, (\d+) passed to sgemm", stderr)
+                  r"small kernel, (\d+) to quantised twins, (\d+) passed to sgemm, (\d+) "
+                  r"small one-row products to the one-row kernel", stderr)
     assert m, stderr[-2000:]
-    return tuple(map(int, m.groups()))
+    gemv, small, twin, gemm, row = map(int, m.groups())
+    return gemv + row, small, twin, gemm
 
 
 def test_preload_took_effect(runs):

@@ -161,7 +161,7 @@ def test_word_activations_are_cached_on_disk(lab, monkeypatch, tmp_path):
 
 
 def test_run_report(lab):
-    r = I.run(lab, trials=3, control_trials=2, yes_bias=2, strengths=[1.0, 4.0],
+    r = I.detection_test(lab, trials=3, control_trials=2, yes_bias=2, strengths=[1.0, 4.0],
               max_tokens=4, words=["Dust", "Milk"], batch_size=4)
     for key in ("detection_rate", "false_positive_rate", "trials", "control_trials",
                 "yes_bias_shift", "verdict", "transcripts", "by_strength", "grader"):
@@ -178,7 +178,7 @@ def test_run_report(lab):
     assert [t["raw_strength"] for t in inj] == [1.0] * 3 + [4.0] * 3
     assert [b["trials"] for b in r["by_strength"]] == [3, 3]
     json.dumps(r, allow_nan=False)
-    again = I.run(lab, trials=3, control_trials=2, yes_bias=2, strengths=[1.0, 4.0],
+    again = I.detection_test(lab, trials=3, control_trials=2, yes_bias=2, strengths=[1.0, 4.0],
                   max_tokens=4, words=["Dust", "Milk"], batch_size=4)
     # Sampled (T=1) yet reproducible for a seed; the rows draw independent samples.
     responses = [t["response"] for t in r["transcripts"]]
@@ -188,7 +188,7 @@ def test_run_report(lab):
 
 
 def test_run_relative_strength_and_greedy_controls(lab):
-    r = I.run(lab, trials=2, control_trials=3, yes_bias=0, strengths=[0.3], relative=True,
+    r = I.detection_test(lab, trials=2, control_trials=3, yes_bias=0, strengths=[0.3], relative=True,
               max_tokens=3, temperature=0.0, words=["Dust"], layer=1)
     inj = [t for t in r["transcripts"] if t["kind"] == "injected"]
     assert all(t["relative_strength"] == pytest.approx(0.3) for t in inj)
@@ -198,11 +198,11 @@ def test_run_relative_strength_and_greedy_controls(lab):
 
 def test_run_errors(lab):
     with pytest.raises(LayerOutOfRangeError):
-        I.run(lab, trials=1, layer=99)
+        I.detection_test(lab, trials=1, layer=99)
     with pytest.raises(InvalidArgumentError):
-        I.run(lab, trials=0, control_trials=0, yes_bias=0)
+        I.detection_test(lab, trials=0, control_trials=0, yes_bias=0)
     with pytest.raises(InvalidArgumentError):
-        I.run(lab, trials=1, yes_bias=21)
+        I.detection_test(lab, trials=1, yes_bias=21)
 
 
 @pytest.mark.model

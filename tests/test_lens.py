@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mlx_steer import Steer, lens, metrics
+from mlx_steer import Steer, activations, lens, metrics
+from mlx_steer.errors import InvalidArgumentError
 from tiny import tiny_lab
 
 
@@ -33,15 +34,14 @@ def test_depth_bands_cover_every_layer_once():
 
 
 def test_residual_norms_exclude_position_zero(lab):
-    n = lens.residual_norms(lab, [TEXT, "a dog ran"])
+    n = activations.residual_norms(lab, [TEXT, "a dog ran"], chat=False)
     assert n.shape == (lab.num_layers,) and np.all(n > 0)
     hs = lab.hidden_states_batch([TEXT, "a dog ran"])
     for layer in (0, lab.num_layers - 1):
         rows = np.concatenate([h[layer, 1:] for h in hs]).astype(np.float64)
         assert n[layer] == pytest.approx(np.median(np.linalg.norm(rows, axis=-1)), rel=1e-6)
-    recs = lens.norm_records(n)
-    assert [r["layer"] for r in recs] == list(range(lab.num_layers))
-    assert recs[1]["growth"] == pytest.approx(n[1] / n[0])
+    with pytest.raises(InvalidArgumentError):
+        activations.residual_norms(lab, [])
 
 
 @pytest.mark.parametrize("which", ["lab", "tied"])

@@ -48,6 +48,37 @@ def test_plan_groups_rows_by_prompt():
     assert solo == [2, 4]  # [5, 6] rows differ from position 1: nothing worth sharing
 
 
+def test_divergence_is_the_first_block_steered_inside_the_prompt():
+    v = vec(8, 1)
+    L = 20
+    assert prefix.divergence([], L) is None
+    assert prefix.divergence([Steer(v, 5)], L) == 5
+    assert prefix.divergence([Steer(v, 5), Steer(v, 2, 0.5)], L) == 2
+    assert prefix.divergence([Steer(v, 2, 0.0), Steer(v, 7)], L) == 7  # strength 0: none
+    assert prefix.divergence([Steer(v, 2, positions="generated"), Steer(v, 9)], L) == 9
+    assert prefix.divergence([Steer(v, 2, positions=L)], L) is None  # after the prompt
+    assert prefix.divergence([Steer(v, 2, positions=L - 1)], L) == 2
+    assert prefix.divergence([Steer(v, -1)], L) == -1  # the embedding
+    # a mid-block ablation changes its block from the attention on: the row differs
+    # from that block's input, the previous block's output
+    assert prefix.divergence([Steer(v, 4, op="ablate", mid=True)], L) == 3
+    assert prefix.divergence([Steer(v, 4, op="ablate"), Steer(v, 6, op="cap")], L) == 4
+
+
+def test_layer_plan_groups_rows_steered_from_different_blocks():
+    v = vec(8, 1)
+    toks = [[1, 2, 3]] * 5 + [[4, 5]] * 2 + [[6, 7]] * 2
+    rows = [[], [Steer(v, 20)], [Steer(v, 10)], [Steer(v, -1)], [Steer(v, 25)],
+            [Steer(v, 0)], [Steer(v, -1)], [Steer(v, 29)], [Steer(v, 28)]]
+    groups, rest = prefix.layer_plan(toks, rows, range(9))
+    assert groups == [prefix.LayerGroup((0, 1, 2, 4), (None, 20, 10, 25)),
+                      prefix.LayerGroup((7, 8), (29, 28))]
+    assert rest == [3, 5, 6]  # embedding-steered rows run every block; 5 is left alone
+    # only the candidates are considered; rows unsteered in the prompt are left to plan()
+    assert prefix.layer_plan(toks, rows, [1, 5]) == ([], [1, 5])
+    assert prefix.layer_plan([[1, 2]] * 2, [[], []], [0, 1]) == ([], [0, 1])
+
+
 def _alone_logprobs(lab, tokens, steers):
     alone = lab.trace(tokens, steers).logits[-1]
     return alone - np.log(np.exp(alone - alone.max()).sum()) - alone.max()
@@ -85,6 +116,65 @@ def test_forked_rows_equal_rows_prefilled_alone(tiny, positions):
                                    atol=1e-4)
     assert batched[0].text == batched[5].text
     assert batched[0].text != batched[1].text
+
+
+def test_rows_shared_by_layer_equal_rows_prefilled_alone(tiny):
+    """A layer sweep steering every position: no prompt prefix is common, so the rows
+    share the blocks before their first steered one; each equals its lone request."""
+    v, w = vec(tiny.hidden_size, 1), vec(tiny.hidden_size, 2)
+    rows = [
+        (PROMPT, Steer(v, 2, 1.0)),
+        (PROMPT, None),
+        (PROMPT, Steer(w, 1, 1.5)),
+        ("Something else entirely", Steer(v, 0, 1.0)),
+        (PROMPT, [Steer(v, 3, 1.0), Steer(w, 2, 0.5)]),  # diverges at block 2
+        (PROMPT, Steer(w, 3, op="ablate", mid=True)),  # from block 3's attention on
+        (PROMPT, Steer(v, 2, 0.5, op="cap")),
+        (PROMPT, Steer(v, -1, 0.5)),  # the embedding: prefilled with the padded rows
+        (PROMPT, Steer(v, 3, 1.0, "generated")),  # unsteered inside the prompt
+    ]
+    toks = [tiny.encode(p, chat=True) for p, _ in rows]
+    steers = [[] if s is None else ([s] if isinstance(s, Steer) else s) for _, s in rows]
+    groups, solo = prefix.plan(toks, steers)
+    layered, rest = prefix.layer_plan(toks, steers, solo)
+    assert groups == [prefix.Group((1, 8), len(toks[1]))]
+    assert layered == [prefix.LayerGroup((0, 2, 4, 5, 6), (2, 1, 2, 2, 2))]
+    assert rest == [3, 7]
+    batched = generation.batch(tiny.model, tiny.tokenizer, toks, steers, 8, 0.0, 1.0, None,
+                               prefill_step_size=4)
+    for (prompt, steer), t, row in zip(rows, toks, batched):
+        assert row.text == tiny.generate(prompt, steer, max_tokens=8)
+        np.testing.assert_allclose(row.first_logprobs, _alone_logprobs(tiny, t, steer),
+                                   atol=1e-4)
+    assert len({r.text for r in batched}) > 2
+
+
+def test_layer_shared_prefill_keeps_the_trunk_only_while_needed(tiny):
+    v = vec(tiny.hidden_size, 3)
+    tokens = tiny.encode(PROMPT, chat=True)
+    rows = [[Steer(v, 2)], [Steer(v, 0)]]
+    caches, members, out = base.layer_shared_caches(tiny.model, rows, [2, 0], len(tokens))
+    T = base.TRUNK
+    assert members == [[T], [T, 1], [T, 1], [1, 0]] and out == [1, 0]
+    logits = generation.prefill(tiny.model, mx.array(tokens)[None], caches)
+    assert [c.keys.shape[0] for c in caches] == [1, 2, 2, 2] and logits.shape[0] == 2
+    caches = base.spread_rows(caches, members, [2, 0])
+    assert [c.keys.shape[0] for c in caches] == [2, 2, 2, 2]
+    keys = [np.array(c.keys_and_values()[0]) for c in caches]
+    alone = []
+    for steers in ([], rows[1]):
+        c = base.make_caches(tiny.model, base.build_plans([steers], [len(tokens)]),
+                             left_padding=[0])
+        generation.prefill(tiny.model, mx.array(tokens)[None], c)
+        alone.append([np.array(x.keys_and_values()[0]) for x in c])
+    # row 0 reads the trunk's keys up to block 2 (it leaves after block 2): the unsteered
+    # model's, bit for bit; row 1 its own from block 1 on
+    for layer in range(3):
+        assert np.array_equal(keys[layer][0], alone[0][layer][0])
+    assert np.array_equal(keys[0][1], alone[0][0][0])
+    for layer in (1, 2, 3):
+        assert not np.array_equal(keys[layer][1], alone[0][layer][0])
+        np.testing.assert_allclose(keys[layer][1], alone[1][layer][0], atol=1e-5)
 
 
 def test_fork_rows_copies_the_cache(tiny):

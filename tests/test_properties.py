@@ -21,7 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mlx_steer import Concept, Steer, cli, errors
-from mlx_steer.library import Library, validate_name
+from mlx_steer.cli import session
+from mlx_steer.concept import validate_name
+from mlx_steer.library import Library
 from tiny import VOCAB, tiny_lab
 
 PROFILES = {"fast": 20, "long": 400}
@@ -345,7 +347,7 @@ def test_cli_exit_status_and_one_line_errors(lab, cli_files, tmp_path_factory, m
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch.setenv("MLX_STEER_HOME", str(home))
     monkeypatch.chdir(cwd)
-    monkeypatch.setitem(cli._LABS, None, lab)
+    monkeypatch.setitem(session.LABS, None, lab)
     argv = data.draw(argvs(cli_files))
     before = set(Path(cli_files["out"]).parent.rglob("*"))
     capsys.readouterr()

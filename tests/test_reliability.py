@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from mlx_steer import Concept, Steer, cli, errors
+from mlx_steer import Concept, Steer, cli, errors, pairs
+from mlx_steer.cli import args as cli_args
+from mlx_steer.cli import session
 from mlx_steer.library import GRACE_S, Library
 from tiny import VOCAB, tiny_lab
 
@@ -68,7 +70,7 @@ def test_concepts_list_survives_one_corrupt_concept(lab, home, monkeypatch, caps
     lab.save_concept(concept(lab, "good"))
     lab.save_concept(concept(lab, "bad"))
     (lab.library.dir / "bad.json").write_text("{ not json")
-    monkeypatch.setitem(cli._LABS, None, lab)
+    monkeypatch.setitem(session.LABS, None, lab)
     assert cli.main(["concepts", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["concepts"]}
     assert rows["good"]["layer"] == 1 and "error" not in rows["good"]
@@ -167,7 +169,7 @@ def test_layer_ranges_are_bounded_before_expanding(text, capsys):
 
 
 def test_short_ranges_still_expand():
-    assert cli._int_list("0-8:4,10") == [0, 4, 8, 10]
+    assert cli_args.int_list("0-8:4,10") == [0, 4, 8, 10]
 
 
 # ---- 6. nested JSON -------------------------------------------------------------------
@@ -184,7 +186,7 @@ def test_deeply_nested_pairs_file(tmp_path, capsys):
         p = tmp_path / f"pairs{i}.json"
         p.write_text(body)
         with pytest.raises(errors.MlxSteerError):
-            cli.read_pairs(str(p))
+            pairs.read(str(p))
         assert cli.main(["extract", "--name", "n", "--pairs", str(p)]) == 2
         assert "internal error" not in capsys.readouterr().err
 

@@ -128,7 +128,7 @@ def test_models_and_concepts(server, smollm, concepts):
     with urllib.request.urlopen(server.url + "/v1/concepts", timeout=60) as r:
         listing = json.loads(r.read())
     by_name = {c["id"]: c for c in listing["data"]}
-    assert set(smollm.builtins()) <= set(by_name)
+    assert set(smollm.concepts.builtins()) <= set(by_name)
     assert listing["num_layers"] == smollm.num_layers
     h = by_name["happy"]  # extracted by the `concepts` fixture: its defaults are listed
     assert h["ready"] and (h["layer"], h["strength"]) == (concepts["happy"].layer,

@@ -1,16 +1,12 @@
 """Concept creator: contrast pairs in, a concept for every layer out, previewed and saved."""
 
-import json
-
 import streamlit as st
 
-import state
-import ui
-from mlx_steer import charts, lens
+from app import state, streaming, ui
+from app.uploads import MAX_PAIRS
+from mlx_steer import charts, lens, pairs as pair_files
+from mlx_steer.catalogue import builtin_spec
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import builtin_spec
-
-from ui import MAX_PAIRS, parse_pairs, parse_upload
 
 lab = state.lab()
 L = lab.num_layers
@@ -70,13 +66,14 @@ with st.expander("Tips for good concepts"):
 pairs: list[tuple[str, str]] = []
 problems: list[str] = []
 try:
-    pairs = parse_pairs(st.session_state.get("creator_pairs", ""))
+    pairs = pair_files.parse_lines(st.session_state.get("creator_pairs", ""))
 except ValueError as e:
     problems.append(str(e))
 if upload is not None:
     try:
-        pairs += parse_upload(upload.name, upload.getvalue())
-    except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        pairs += pair_files.parse_bytes(upload.getvalue(), upload.name,
+                                        limit=pair_files.MAX_BYTES)
+    except ValueError as e:  # every parse error is typed (InvalidArgument/CorruptFile)
         problems.append(f"{upload.name}: {e}")
 if len(pairs) > MAX_PAIRS:
     problems.append(f"{len(pairs)} pairs; the limit is {MAX_PAIRS}")
@@ -124,7 +121,6 @@ if concept is not None:
         top = max(scores) or 1.0
         rel += [{"layer": i, "value": s / top, "series": "separation (scaled)"}
                 for i, s in enumerate(scores)]
-    st.session_state["creator_norm_records"] = rel
     ui.chart(charts.metric_chart(rel, "layer", "value", color="series"),
              key="creator_norm_chart")
     st.caption("‖v‖ / median‖h‖: how big the concept direction is next to a typical "
@@ -137,7 +133,6 @@ if concept is not None:
     lens_layer = ui.layer_slider(lab, "creator_lens_layer", "Logit lens of the vector at block",
                                  default=int(0.85 * L))
     vl = lens.vector_lens(lab, concept.vectors[lens_layer], k=10)
-    st.session_state["creator_vector_lens"] = vl
     ui.chart(charts.grouped_bars([{**r, "score": abs(r["score"])} for r in vl], "token",
                                  "score", "direction",
                                  f"Tokens the vector promotes and suppresses at block "
@@ -150,7 +145,7 @@ if concept is not None:
                                  key="creator_try_prompt")
         if st.button("Generate with the concept", key="creator_try_btn"):
             try:
-                st.session_state["creator_try"] = ui.stream_one(
+                st.session_state["creator_try"] = streaming.stream_one(
                     lab, t_prompt, concept.steer(),
                     st.session_state.get("creator_try_tokens", 40))
             except MlxSteerError as e:
@@ -162,7 +157,7 @@ if concept is not None:
         st.success(f"Saved “{concept.name}”: it is now in every page's concept list.")
     else:
         overwrite = True
-        if concept.name in lab.concepts():
+        if concept.name in lab.concepts.names():
             overwrite = st.checkbox(f"“{concept.name}” already exists: replace it",
                                     key="creator_overwrite")
         if st.button("Save to library", icon=":material/save:", key="creator_save_btn",

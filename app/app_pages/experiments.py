@@ -4,25 +4,15 @@ batched decode with a baseline row and measured metrics."""
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts
+from mlx_steer import experiments as ex
 from mlx_steer.errors import MlxSteerError
-
-try:
-    from mlx_steer import experiments as ex
-except ImportError:  # pragma: no cover - shown in the page instead
-    ex = None
 
 lab = state.lab()
 L = lab.num_layers
 
 st.title(":material/science: Experiments")
-if ex is None:
-    st.warning("This page requires `mlx_steer.experiments` (layer analysis, strength explorer, "
-               "mixing), which is not installed in this build.")
-    st.stop()
-
 st.markdown(
     "Every experiment runs all its variants **and an unsteered baseline** as rows of one "
     "batched generation with the same seed, so rows differ only by their steering. Each row "
@@ -179,7 +169,7 @@ with tab_mix:
     m_metric = metric_select("exp_mix_metric")
 
     parts, problems = [], []
-    known = set(lab.concepts())
+    known = set(lab.concepts.names())
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
@@ -206,7 +196,6 @@ with tab_mix:
             if out is not None:
                 mixed, recs = out
                 st.session_state["exp_mix"] = recs
-                st.session_state["exp_mix_concept"] = mixed.name
                 if save:
                     st.success(f"Saved “{mixed.name}”: it is in every page's concept list now.")
         except MlxSteerError as e:

@@ -2,8 +2,7 @@
 
 import streamlit as st
 
-import state
-import ui
+from app import state, streaming, ui
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()
@@ -35,7 +34,7 @@ if go:
     try:
         concept = ui.get_concept(lab, "happy")
         steer = concept.steer()
-        base, steered = ui.stream_pair(lab, prompt, steer, slots,
+        base, steered = streaming.stream_pair(lab, prompt, steer, slots,
                                        max_tokens=st.session_state.get("home_max_tokens", 48))
         result = {"prompt": prompt, "baseline": base, "steered": steered,
                   "layer": concept.layer, "alpha": concept.strength}
@@ -50,27 +49,23 @@ if result:
                "the text fluent). Same prompt tokens, greedy decoding: every "
                "difference comes from the injected vector.")
 else:
-    ui.text_box("", slots[0], empty="press Run the demo")
-    ui.text_box("", slots[1], empty="press Run the demo")
+    ui.empty_boxes(slots, "press Run the demo")
 
 st.subheader("Learning path")
 c1, c2 = st.columns(2)
-with c1:
-    st.page_link("app_pages/learn.py", label="1 · Learn: what each layer does, the logit "
-                 "lens, why we add", icon=":material/school:")
-    st.page_link("app_pages/playground.py", label="2 · Playground: steer any prompt with "
-                 "any concept", icon=":material/sports_esports:")
-    st.page_link("app_pages/concept_creator.py", label="3 · Concept creator: make your own "
-                 "concept from contrast pairs", icon=":material/palette:")
-    st.page_link("app_pages/visualizer.py", label="4 · Visualizer: watch the concept inside "
-                 "the model", icon=":material/biotech:")
-with c2:
-    st.page_link("app_pages/experiments.py", label="5 · Experiments: sweep layers and "
-                 "strengths, mix concepts", icon=":material/science:")
-    st.page_link("app_pages/introspection.py", label="6 · Introspection: can the model "
-                 "notice an injected thought?", icon=":material/psychology:")
-    st.page_link("app_pages/library.py", label="7 · Library: inspect, mix, import and "
-                 "export concepts", icon=":material/library_books:")
+TOUR = [("learn", "1 · Learn: what each layer does, the logit lens, why we add", "school"),
+        ("playground", "2 · Playground: steer any prompt with any concept", "sports_esports"),
+        ("concept_creator", "3 · Concept creator: make your own concept from contrast pairs",
+         "palette"),
+        ("visualizer", "4 · Visualizer: watch the concept inside the model", "biotech"),
+        ("experiments", "5 · Experiments: sweep layers and strengths, mix concepts",
+         "science"),
+        ("introspection", "6 · Introspection: can the model notice an injected thought?",
+         "psychology"),
+        ("library", "7 · Library: inspect, mix, import and export concepts", "library_books")]
+for i, (page, label, icon) in enumerate(TOUR):
+    with (c1 if i < 4 else c2):
+        st.page_link(f"app_pages/{page}.py", label=label, icon=f":material/{icon}:")
 
 with st.expander("Tips & tricks"):
     st.markdown(

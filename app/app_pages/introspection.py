@@ -5,25 +5,15 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts
+from mlx_steer import introspection as intro
 from mlx_steer.errors import MlxSteerError
-
-try:
-    from mlx_steer import introspection as intro
-except ImportError:  # pragma: no cover - shown in the page instead
-    intro = None
 
 lab = state.lab()
 L = lab.num_layers
 
 st.title(":material/psychology: Introspection")
-if intro is None:
-    st.warning("This page requires `mlx_steer.introspection` (the detection protocol), which "
-               "is not installed in this build.")
-    st.stop()
-
 st.markdown(
     "Can a model notice a thought that was put into its activations? The protocol of "
     "Lindsey (2025) tells the model that a concept may be injected, injects a word's vector "
@@ -82,7 +72,7 @@ if st.button("Run the detection test", type="primary", key="intro_btn",
     bar = st.progress(0.0, text="Word vectors, then the trials…")
     try:
         with state.model_lock():
-            report = intro.run(lab, trials=trials, layer=layer, strengths=sorted(strengths),
+            report = intro.detection_test(lab, trials=trials, layer=layer, strengths=sorted(strengths),
                                relative=relative, control_trials=controls, yes_bias=yes_bias,
                                max_tokens=max_tokens, temperature=temperature, seed=int(seed),
                                progress=ui.progress_callback(bar, "steps"))
@@ -119,7 +109,7 @@ if rep:
                 help="Rise in 'yes' answers to no-questions when a vector is injected.")
     (st.success if rep["introspects"] else st.warning)(rep["verdict"])
     by = pd.DataFrame(rep["by_strength"])
-    st.session_state["intro_rate_records"] = rates = [
+    rates = [
         {"rate": name, "value": rep[key]}
         for name, key in (("detected + named", "detection_rate"),
                           ("false positive", "false_positive_rate"),

@@ -5,9 +5,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
-from mlx_steer import charts, lens, metrics
+from app import state, ui
+from mlx_steer import activations, charts, lens, metrics
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()
@@ -39,7 +38,7 @@ with tab_layers:
                      hide_index=True, width="stretch")
     st.markdown("#### The residual stream grows with depth")
     neutral = ui.prompts_data()["neutral"]
-    norms = state.memo(lab, ("residual_norms",), lambda: lens.residual_norms(lab, neutral))
+    norms = state.memo(lab, ("residual_norms",), lambda: activations.residual_norms(lab, neutral, chat=False))
     st.session_state["learn_norms"] = norms
     ui.chart(charts.norm_per_layer(norms, "Median token norm ‖h‖ after each block "
                                    "(position 0 excluded)"), key="learn_norm_chart")
@@ -64,7 +63,6 @@ with tab_lens:
     try:
         recs = state.memo(lab, ("logit_lens", lens_prompt, k),
                           lambda: lens.logit_lens(lab, lens_prompt, k=k))
-        st.session_state["learn_lens"] = recs
         ui.chart(charts.logit_lens_chart(recs), key="learn_lens_chart")
         top = [r for r in recs if r["rank"] == 1]
         first = next((r for r in top if r["token_id"] == top[-1]["token_id"]), top[-1])

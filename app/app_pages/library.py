@@ -7,13 +7,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, ui, uploads
 from mlx_steer import Concept, charts, lens
+from mlx_steer.catalogue import builtin_spec
+from mlx_steer.concept import validate_name
 from mlx_steer.errors import MlxSteerError
-from mlx_steer.library import builtin_spec, validate_name
 
-MAX_GGUF = ui.MAX_GGUF
+MAX_GGUF = uploads.MAX_GGUF
 
 lab = state.lab()
 L = lab.num_layers
@@ -28,7 +28,7 @@ def row(name: str) -> dict:
     saved = name in lab.library
     out = {"name": name, "source": "library" if saved else "built-in",
            "status": "ready" if ready else "not extracted yet"}
-    if not ready and name in lab.builtins():
+    if not ready and name in lab.concepts.builtins():
         spec = builtin_spec(name)
         out.update(category=spec.get("category"), pairs=len(spec.get("pairs", [])))
     if ready:
@@ -42,7 +42,7 @@ def row(name: str) -> dict:
     return out
 
 
-names = lab.concepts()
+names = lab.concepts.names()
 table = [row(n) for n in names]
 st.session_state["library_table"] = table
 st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
@@ -73,7 +73,6 @@ with tab_inspect:
             m[3].metric("Pairs", len(c.pairs))
             recs = [{"layer": i, "‖v‖ / median‖h‖": c.vector_norm(i) / float(c.norms[i])}
                     for i in range(L)]
-            st.session_state["lib_inspect_records"] = recs
             ui.chart(charts.metric_chart(recs, "layer", "‖v‖ / median‖h‖"),
                      key="lib_inspect_chart")
             ui.calibration_view(c, "lib_calibration")
@@ -140,8 +139,7 @@ with tab_import:
                              placeholder="defaults to the file name")
     if st.button("Import", key="lib_import_btn", disabled=up is None):
         try:
-            c = ui.import_control_vector(lab, up.name, up.getvalue(), imp_name or None)
-            st.session_state["lib_imported"] = c.name
+            c = uploads.import_control_vector(lab, up.name, up.getvalue(), imp_name or None)
             st.success(f"Imported “{c.name}”: strongest at block {c.layer}, α = {c.strength:.3g}.")
         except (MlxSteerError, ValueError) as e:
             ui.show_error(e)
@@ -177,7 +175,7 @@ with tab_delete:
         sure = st.checkbox(f"Yes, delete “{del_name}”", key="lib_delete_sure")
         if st.button("Delete", key="lib_delete_btn", disabled=not sure):
             try:
-                lab.delete_concept(del_name)
+                lab.concepts.delete(del_name)
                 st.session_state["lib_deleted"] = del_name
                 st.session_state.pop("lib_delete_sure", None)
                 st.rerun()

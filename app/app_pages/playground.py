@@ -3,8 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-import state
-import ui
+from app import state, streaming, ui
 from mlx_steer.errors import MlxSteerError
 
 lab = state.lab()
@@ -33,14 +32,7 @@ with c_demo:
                    "block and strength.")
 
 c1, c2, c3 = st.columns(3)
-with c1:
-    name = ui.concept_select(lab, "pg_concept")
-try:
-    concept = ui.get_concept(lab, name)
-except MlxSteerError as e:
-    ui.show_error(e)
-    st.stop()
-ui.apply_concept_defaults("pg", concept)
+concept = ui.steering_concept(lab, "pg", c1)
 with c1:
     st.caption(concept.description or f"{concept.category} concept")
 with c2:
@@ -71,7 +63,7 @@ if go:
     try:
         steer = concept.steer("all" if every else layer, strength, relative=relative,
                               positions=positions, op=op)
-        base, steered = ui.stream_pair(lab, prompt, steer, slots, max_tokens, temperature,
+        base, steered = streaming.stream_pair(lab, prompt, steer, slots, max_tokens, temperature,
                                        int(seed))
         st.session_state["playground"] = {
             "prompt": prompt, "baseline": base, "steered": steered,
@@ -99,5 +91,4 @@ if res:
             "or topic in the right-hand text while it stays fluent. If nothing changes, "
             "raise α or move to a later block; if the text falls apart, lower α.")
 else:
-    ui.text_box("", slots[0], empty="press Generate")
-    ui.text_box("", slots[1], empty="press Generate")
+    ui.empty_boxes(slots, "press Generate")

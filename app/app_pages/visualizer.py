@@ -3,8 +3,7 @@ a concept map and the concepts' cosine matrix."""
 
 import streamlit as st
 
-import state
-import ui
+from app import state, ui
 from mlx_steer import charts, lens
 from mlx_steer.errors import MlxSteerError
 
@@ -22,13 +21,7 @@ st.markdown(
 c1, c2, c3 = st.columns(3)
 with c1:
     prompt = st.text_input("Prompt", "The meeting went", key="viz_prompt")
-    name = ui.concept_select(lab, "viz_concept")
-try:
-    concept = ui.get_concept(lab, name)
-except MlxSteerError as e:
-    ui.show_error(e)
-    st.stop()
-ui.apply_concept_defaults("viz", concept)
+concept = ui.steering_concept(lab, "viz", c1)
 with c2:
     layer = ui.layer_slider(lab, "viz_layer", "Inject at block", default=concept.layer)
     max_tokens = st.slider("Tokens to generate", 4, 64, 24, step=4, key="viz_max_tokens")
@@ -92,8 +85,8 @@ st.subheader("Concept map")
 st.markdown("All concepts' vectors at one block: a 2-D PCA of their directions (unit "
             "vectors, same block for all — not mixed with activations or other blocks) and "
             "their pairwise cosine similarities.")
-ready = [n for n in lab.concepts() if ui.concept_ready(lab, n)]
-missing = [n for n in lab.builtins() if not ui.concept_ready(lab, n)]
+ready = [n for n in lab.concepts.names() if ui.concept_ready(lab, n)]
+missing = [n for n in lab.concepts.builtins() if not ui.concept_ready(lab, n)]
 if st.session_state.get("viz_map_ready") != ready:  # new concepts: offer them all again
     st.session_state["viz_map_ready"] = ready
     st.session_state.pop("viz_map_concepts", None)

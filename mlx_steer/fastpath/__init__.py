@@ -45,6 +45,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from .. import config
+
 SOURCE = Path(__file__).with_name("sgemv_shim.c")
 SHIM_NAME = "libmlxsteer_sgemv"
 _OPENBLAS = (
@@ -59,6 +61,8 @@ DISABLE_ENV = "MLX_STEER_NO_FASTPATH"  # set to 1 to turn the whole fast path of
 BLAS_ENV = "MLX_STEER_BLAS"  # auto (default) | system | pypi: which OpenBLAS to preload
 PYPI_BLAS = ("scipy_openblas32", "lib/libscipy_openblas.so")  # package, library inside it
 NO_TCMALLOC_ENV = "MLX_STEER_NO_TCMALLOC"  # set to 1 to leave tcmalloc out
+REEXEC_ENV = "MLX_STEER_REEXEC"  # set in a process started by reexec(): never loop
+NO_PRELOAD_ENV = "MLX_STEER_NO_PRELOAD"  # set to 1: reexec() does nothing
 
 
 def supported() -> bool:
@@ -66,12 +70,8 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and not _disabled()
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false", "False")
-
-
 def _disabled() -> bool:
-    return _flag(DISABLE_ENV)
+    return config.flag(DISABLE_ENV)
 
 
 def _first(patterns) -> Path | None:
@@ -83,7 +83,7 @@ def _first(patterns) -> Path | None:
 
 
 def _blas_choice() -> str:
-    choice = os.environ.get(BLAS_ENV, "auto").strip().lower() or "auto"
+    choice = config.text(BLAS_ENV).lower() or "auto"
     return choice if choice in ("auto", "system", "pypi", "mkl") else "auto"
 
 
@@ -122,7 +122,7 @@ def pypi_openblas() -> Path | None:
 def tcmalloc() -> Path | None:
     """`libtcmalloc_minimal.so.4` (Debian `libtcmalloc-minimal4`), if installed and
     not turned off with MLX_STEER_NO_TCMALLOC=1."""
-    return _first(_TCMALLOC) if supported() and not _flag(NO_TCMALLOC_ENV) else None
+    return _first(_TCMALLOC) if supported() and not config.flag(NO_TCMALLOC_ENV) else None
 
 
 def compiler() -> str | None:
@@ -145,8 +145,7 @@ def default_dest() -> Path:
             return venv
     except OSError:
         pass
-    home = os.environ.get("MLX_STEER_HOME") or os.path.expanduser("~/.cache/mlx-steer")
-    return Path(home) / "fastpath"
+    return config.home() / "fastpath"
 
 
 def shim_path(dest: str | os.PathLike | None = None) -> Path:
@@ -258,22 +257,32 @@ def active() -> bool:
     return loaded()["openblas"]
 
 
-def reexec(shim: bool = True, use_tcmalloc: bool = True) -> None:
-    """Restart this Python process with the fast path preloaded, once; no-op if it
-    is already active, unavailable, or the process was started with it disabled.
+def reexec(argv: list[str] | None = None, shim: bool = True, use_tcmalloc: bool = True
+           ) -> None:
+    """Restart this Python process once with the fast path preloaded (the CLI's entry
+    point calls it before MLX does any work; a script may too).
 
-    Call it first thing in a script's entry point (before MLX does any work).
+    `argv`: the new process's arguments after the interpreter (default: this
+    process's own). A no-op off Linux, with MLX_STEER_NO_FASTPATH or
+    MLX_STEER_NO_PRELOAD set, in the restarted process (MLX_STEER_REEXEC), when a
+    fast BLAS is already mapped, or when nothing is available to preload; if the
+    exec itself fails the process carries on without it.
     """
-    if not supported() or active() or os.environ.get("_MLX_STEER_REEXEC"):
+    if (not supported() or config.flag(NO_PRELOAD_ENV) or config.flag(REEXEC_ENV)
+            or active()):
         return
     env = preload_env(shim, use_tcmalloc)
     if not env:
         return
-    env = {**os.environ, **env, "_MLX_STEER_REEXEC": "1"}
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+    if argv is None:
+        argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)[1:]
+    env = {**os.environ, **env, REEXEC_ENV: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + argv[1:], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv], env)
+    except OSError:
+        return
 
 
 def describe() -> str:

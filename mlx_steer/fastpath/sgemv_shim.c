@@ -20,6 +20,11 @@
  * reuses it for every input row, split over the cores by output columns; OpenBLAS's
  * sgemm would pack the whole weight matrix first.
  *
+ * Small one-row products (up to ONE_ROW_SMALL weights: the attention's per-row, per-head
+ * products while decoding) run on the calling thread, in kernels here: OpenBLAS's sgemv
+ * splits those from 9216 elements (a context of 144 tokens) over its threads, whose
+ * hand-offs then cost more than the products.
+ *
  * Quantised twins: a float32 weight matrix that was expanded from affine-quantised
  * blocks (GGUF Q4_0 / Q4_1 / Q8_0: w = scale * q + bias per group of 32 along K) can be
  * registered with its quantised bytes (mlx_steer_twin_register). Products x @ W^T with
@@ -32,7 +37,7 @@
  * float32 (tests require identical greedy tokens and log-probabilities within 1e-3).
  *
  * Environment: MLX_STEER_SHIM_STATS=1 prints call counts to stderr at exit;
- * MLX_STEER_SHIM_SMALLM=0 turns the few-row kernel off; MLX_STEER_SHIM_THREADS=n sets
+ * MLX_STEER_SHIM_SMALLM=0 turns the few-row and small one-row kernels off; MLX_STEER_SHIM_THREADS=n sets
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
  * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
  * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
@@ -64,7 +69,7 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 static sgemm_fn real_sgemm;
 static void (*pypi_set_threads)(int); /* pending: PyPI OpenBLAS to 1 thread on first call */
 static sgemv_fn real_sgemv;
-static unsigned long n_gemv, n_gemm, n_small, n_twin;
+static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row;
 static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
@@ -76,8 +81,8 @@ static int twin_isa; /* quantised twins usable (AVX-512) */
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
                     "%lu few-row products to the small kernel, %lu to quantised twins, "
-                    "%lu passed to sgemm\n",
-            n_gemv, n_small, n_twin, n_gemm);
+                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel\n",
+            n_gemv, n_small, n_twin, n_gemm, n_row);
 }
 
 static int env_int(const char *name, int dflt) {
@@ -141,6 +146,7 @@ static void zero(float *y, int n, int inc) {
 
 /* ---- few-row kernel: C[m, n] = alpha * dot(A[m, :], B[n, :]) + beta * C[m, n] ---------- */
 #define SMALL_M_MAX 12
+#define ONE_ROW_SMALL (1L << 18) /* one-row products up to this many weights: here */
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
@@ -217,13 +223,48 @@ static inline void put(float *c, float s, float alpha, float beta) {
 typedef void (*cols_fn)(int, int, int, int, float, const float *, int, const float *, int,
                         float, float *, int);
 
+/* c[n] = alpha * sum_k x[k] * B[k, n] + beta * c[n] for a small B (K x N, row-major): the
+ * attention's probabilities times its values, one row and head at a time. Each column's
+ * sum runs over k in order, whatever N. */
+#define ROW_TIMES(NAME, ATTR, VT, W)                                                       \
+    ATTR static void NAME(int N, int K, float alpha, const float *x, const float *B,       \
+                          int ldb, float beta, float *C) {                                 \
+        enum { CH = 8 * W };                                                               \
+        for (int n0 = 0; n0 < N; n0 += CH) {                                               \
+            const int nn = N - n0 < CH ? N - n0 : CH, nv = nn - nn % W;                    \
+            VT acc[8] = {{0}};                                                             \
+            float tail[W] = {0};                                                           \
+            for (int k = 0; k < K; k++) {                                                  \
+                const float a = x[k], *b = B + (size_t)k * ldb + n0;                       \
+                VT av = a - (VT){0}, v;                                                    \
+                for (int j = 0; j < nv; j += W) {                                          \
+                    memcpy(&v, b + j, sizeof v);                                           \
+                    acc[j / W] += av * v;                                                  \
+                }                                                                          \
+                for (int j = nv; j < nn; j++) tail[j - nv] += a * b[j];                    \
+            }                                                                              \
+            float s[CH];                                                                   \
+            memcpy(s, acc, sizeof(float) * nv);                                            \
+            for (int j = nv; j < nn; j++) s[j] = tail[j - nv];                             \
+            for (int j = 0; j < nn; j++) put(C + n0 + j, s[j], alpha, beta);               \
+        }                                                                                  \
+    }
+
+typedef void (*row_fn)(int, int, float, const float *, const float *, int, float, float *);
+
 SMALLM_COLS(cols_generic, , v8, 8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8)
 SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
 #endif
+ROW_TIMES(row_generic, , v8, 8)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ROW_TIMES(row_avx2, __attribute__((target("avx2,fma"))), v8, 8)
+ROW_TIMES(row_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
+#endif
 
 static cols_fn smallm_cols = cols_generic;
+static row_fn row_times = row_generic;
 
 static void pick_kernel(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -234,6 +275,7 @@ static void pick_kernel(void) {
     if (s && strcmp(s, "generic") == 0) avx2 = avx512 = 0;
     if (s && strcmp(s, "avx2") == 0) avx512 = 0;
     smallm_cols = avx512 ? cols_avx512 : avx2 ? cols_avx2 : cols_generic;
+    row_times = avx512 ? row_avx512 : avx2 ? row_avx2 : row_generic;
     twin_isa = avx512 && __builtin_cpu_supports("avx512bw");
     s = getenv("MLX_STEER_SHIM_TWINS");
     if (s && strcmp(s, "0") == 0) twin_isa = 0;
@@ -450,9 +492,13 @@ static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
 }
 #endif
 
-/* A small pool of persistent workers; the calling thread takes the first share. */
+/* A small pool of persistent workers sharing each product with the calling thread.
+ * The output columns are cut into chunks that the threads claim one at a time, so that
+ * a worker the scheduler has not run yet (other jobs on the cores) leaves its chunks to
+ * the others instead of making the caller wait: the caller waits only for chunks a
+ * worker has started. Every column is computed by the same code whoever claims it. */
 struct job {
-    int M, N, K, lda, ldb, ldc, parts;
+    int M, N, K, lda, ldb, ldc, chunk, chunks;
     float alpha, beta;
     const float *A, *B;
     float *C;
@@ -463,16 +509,35 @@ static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
 static unsigned long pool_gen;
-static int pool_pending, pool_size; /* workers started */
+/* (generation << 32) | next chunk: a claim is valid only for the job it was made for */
+static unsigned long long pool_next;
+static int pool_finished; /* chunks of the current job completed */
+static int pool_size;     /* workers started */
 
-static void run_part(const struct job *j, int part) {
-    int per = ((j->N + j->parts - 1) / j->parts + 3) & ~3;
-    int n0 = part * per, n1 = n0 + per < j->N ? n0 + per : j->N;
+static void run_chunk(const struct job *j, int c) {
+    int n0 = c * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
     if (n0 < n1 && j->t)
         twin_cols(j->t, j->M, n0, n1, j->alpha, j->A, j->lda, j->beta, j->C, j->ldc);
     else if (n0 < n1)
         smallm_cols(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C,
                     j->ldc);
+}
+
+/* Claim and compute chunks of job generation `gen` until none is left. */
+static void run_chunks(const struct job *j, unsigned long gen) {
+    for (;;) {
+        unsigned long long v = __atomic_load_n(&pool_next, __ATOMIC_ACQUIRE);
+        if ((v >> 32) != (gen & 0xFFFFFFFFUL) || (int)(v & 0xFFFFFFFFU) >= j->chunks) return;
+        if (!__atomic_compare_exchange_n(&pool_next, &v, v + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        run_chunk(j, (int)(v & 0xFFFFFFFFU));
+        if (__atomic_add_fetch(&pool_finished, 1, __ATOMIC_ACQ_REL) == j->chunks) {
+            pthread_mutex_lock(&pool_mu);
+            pthread_cond_broadcast(&pool_done);
+            pthread_mutex_unlock(&pool_mu);
+        }
+    }
 }
 
 static inline void cpu_relax(void) {
@@ -484,7 +549,7 @@ static inline void cpu_relax(void) {
 /* Workers poll for the next job a little (a product every few tens of microseconds while
  * decoding) before sleeping: a futex wake-up costs about as much as a small product. */
 static void *worker(void *arg) {
-    int part = (int)(long)arg;
+    (void)arg;
     unsigned long seen = 0;
     for (;;) {
         for (int i = 0; i < spin && __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen; i++)
@@ -494,11 +559,7 @@ static void *worker(void *arg) {
         seen = pool_gen;
         struct job j = job;
         pthread_mutex_unlock(&pool_mu);
-        if (part < j.parts) run_part(&j, part);
-        pthread_mutex_lock(&pool_mu);
-        if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0)
-            pthread_cond_signal(&pool_done);
-        pthread_mutex_unlock(&pool_mu);
+        run_chunks(&j, seen);
     }
     return NULL;
 }
@@ -509,7 +570,6 @@ static void after_fork_child(void) {  /* workers do not survive fork() */
     pthread_cond_init(&pool_go, NULL);
     pthread_cond_init(&pool_done, NULL);
     pool_size = 0;
-    pool_pending = 0;
 }
 
 static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int lda,
@@ -528,22 +588,30 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
             pthread_atfork(NULL, NULL, after_fork_child);
         }
         while (pool_size < parts - 1) {
-            pthread_t t;
-            if (pthread_create(&t, NULL, worker, (void *)(long)(pool_size + 1)) != 0) break;
-            pthread_detach(t);
+            pthread_t th;
+            if (pthread_create(&th, NULL, worker, NULL) != 0) break;
+            pthread_detach(th);
             pool_size++;
         }
-        if (pool_size + 1 < parts) parts = pool_size + 1;
-        job = (struct job){M, N, K, lda, ldb, ldc, parts, alpha, beta, A, B, C, t};
-        __atomic_store_n(&pool_pending, pool_size, __ATOMIC_RELEASE);
-        __atomic_add_fetch(&pool_gen, 1, __ATOMIC_ACQ_REL);
-        pthread_cond_broadcast(&pool_go);
+        /* about 4 chunks per thread, whole blocks of 4 columns */
+        int chunk = ((N + 4 * parts - 1) / (4 * parts) + 3) & ~3;
+        job = (struct job){M, N, K, lda, ldb, ldc, chunk, (N + chunk - 1) / chunk,
+                           alpha, beta, A, B, C, t};
+        unsigned long gen = pool_gen + 1;
+        __atomic_store_n(&pool_finished, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_next, (unsigned long long)(gen & 0xFFFFFFFFUL) << 32,
+                         __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_gen, gen, __ATOMIC_RELEASE);
+        if (pool_size > 0) pthread_cond_broadcast(&pool_go);
         pthread_mutex_unlock(&pool_mu);
-        run_part(&job, 0);
-        for (int i = 0; i < spin && __atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0; i++)
+        struct job mine = job;
+        run_chunks(&mine, gen);
+        for (int i = 0; i < spin && __atomic_load_n(&pool_finished, __ATOMIC_ACQUIRE) <
+                                        mine.chunks; i++)
             cpu_relax();
         pthread_mutex_lock(&pool_mu);
-        while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+        while (__atomic_load_n(&pool_finished, __ATOMIC_ACQUIRE) < mine.chunks)
+            pthread_cond_wait(&pool_done, &pool_mu);
         pthread_mutex_unlock(&pool_mu);
         pthread_mutex_unlock(&call_mu);
         return;
@@ -585,6 +653,15 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                 return;
             }
             if (t) twin_release();
+        }
+        if (M == 1 && ta == NoTrans && smallm && (long)N * K <= ONE_ROW_SMALL) {
+            /* A small one-row product (attention, per row and head): here, on this thread.
+               OpenBLAS's sgemv splits those above 9216 elements (a context of 144 tokens)
+               over its threads, which then spend more time waiting than computing. */
+            if (tb == Trans) smallm_cols(1, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            else row_times(N, K, alpha, A, B, ldb, beta, C);
+            if (stats) __atomic_fetch_add(&n_row, 1, __ATOMIC_RELAXED);
+            return;
         }
         if (M == 1) {
             /* c[n] = alpha * sum_k a[k] * op(B)[k, n] + beta * c[n] */

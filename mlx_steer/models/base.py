@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..steer import EMBEDDING, NEVER, Steer
 
 
@@ -100,6 +100,22 @@ class SteerAttentionMixin:
         return plan.apply_mid(super().__call__(x, mask, cache, *args, **kwargs), pos)
 
 
+class Grow:
+    """Rows that leave the unsteered trunk (batch row 0) at a block's output, in a
+    prefill shared by layer: each new row is a copy of the trunk's output with its own
+    terms of that block applied (`plans[k]`, None: no term there), appended after the
+    rows already in the batch; `drop` then removes the trunk."""
+
+    def __init__(self, plans: list[LayerPlan | None], drop: bool):
+        self.plans = plans
+        self.drop = drop
+
+    def apply(self, h: mx.array, pos: mx.array) -> mx.array:
+        trunk, at = h[:1], pos[:1]
+        new = [trunk if p is None else p.apply(trunk, at) for p in self.plans]
+        return mx.concatenate([h[1:] if self.drop else h, *new])
+
+
 class SteerMixin:
     """Adds the cache's steering plan to the block output; optionally records it."""
 
@@ -109,20 +125,17 @@ class SteerMixin:
         plan = getattr(cache, "steer", None)
         pre = getattr(cache, "pre_steer", None)  # the embedding output (block 0 only)
         capture = getattr(cache, "capture", None)
-        if plan is not None or pre is not None:
+        grow = getattr(cache, "grow", None)  # rows leaving the trunk (shared prefill)
+        if plan is not None or pre is not None or grow is not None:
             # Read before the call: attention advances cache.offset.
             pos = positions(cache.offset, x.shape[1])
         if pre is not None:
             x = pre.apply(x, pos)
-        replay = getattr(cache, "replay", None)
-        if replay:  # computed before, identically: see `set_replay`
-            keys, values, out = replay.pop(0)
-            cache.update_and_fetch(keys, values)
-            h = x if out is None else out
-        else:
-            h = super().__call__(x, mask, cache, *args, **kwargs)
+        h = super().__call__(x, mask, cache, *args, **kwargs)
         if plan is not None:
             h = plan.apply(h, pos)
+        if grow is not None:
+            h = grow.apply(h, pos)
         if capture is not None:
             capture.append(h)
         return h
@@ -222,8 +235,6 @@ SHARDINGS = ("auto", "tensor", "pipeline")
 def sharding_kind(model: nn.Module, sharding: str = "auto") -> str:
     """"tensor" or "pipeline": what mlx-lm can do for this model ("auto": tensor
     parallelism where the model has it, else pipeline stages)."""
-    from ..errors import InvalidArgumentError
-
     if sharding not in SHARDINGS:
         raise InvalidArgumentError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     tensor = callable(getattr(model, "shard", None))
@@ -321,6 +332,14 @@ def _slots(per_row: list[list[Steer]], prompt_lens: Sequence[int], op: str) -> l
     return out
 
 
+def _check_mid(model: nn.Module, local: int, layer: int, plan: LayerPlan) -> None:
+    if plan.mid and not isinstance(getattr(decoder_layers(model)[local], "self_attn", None),
+                                   SteerAttentionMixin):
+        raise UnsupportedModelError(
+            f"block {layer} of {type(model).__name__} has no steerable self_attn "
+            "called as (x, mask, cache): cannot ablate in the middle of the block")
+
+
 def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
                 left_padding: Sequence[int] | None = None,
                 capture: bool = False) -> list:
@@ -334,15 +353,10 @@ def make_caches(model: nn.Module, plans: dict[int, LayerPlan] | None = None,
         caches = make_prompt_cache(model)
     else:
         caches = [BatchKVCache(list(left_padding)) for _ in decoder_layers(model)]
-    layers = decoder_layers(model)
     for local, (layer, c) in enumerate(zip(layer_span(model), caches)):
         if plans and layer in plans:
             c.steer = plans[layer]
-            if plans[layer].mid and not isinstance(
-                    getattr(layers[local], "self_attn", None), SteerAttentionMixin):
-                raise UnsupportedModelError(
-                    f"block {layer} of {type(model).__name__} has no steerable self_attn "
-                    "called as (x, mask, cache): cannot ablate in the middle of the block")
+            _check_mid(model, local, layer, plans[layer])
         if capture:
             c.capture = []
     if plans and EMBEDDING in plans:
@@ -483,36 +497,64 @@ def fork_rows(caches: list, n: int) -> list:
     return [BatchKVCache.merge([c.extract(0)] * n) for c in caches]
 
 
-def can_replay(model: nn.Module) -> bool:
-    """Whether `set_replay` works: every block runs in this process."""
-    return _stage(model) is None
+# ---- prefill shared by layer (rows steered from different blocks, one prompt) -------
+
+TRUNK = -1  # the unsteered trunk row in `layer_shared_caches`' row lists
 
 
-def stored_kv(caches: list, blocks: int) -> list[tuple[mx.array, mx.array]]:
-    """(keys, values) of the first `blocks` blocks of one-row batch caches, every
-    position so far, (1, heads, T, head_dim) each."""
-    out = []
-    for c in caches[:blocks]:
-        keys, values, _, _, n = c.state
-        out.append((keys[..., :n, :], values[..., :n, :]))
-    return out
+def shares_layers(model: nn.Module) -> bool:
+    """Whether `layer_shared_caches` applies: every block steerable, all in this process."""
+    return _stage(model) is None and all(isinstance(layer, SteerMixin)
+                                         for layer in decoder_layers(model))
 
 
-def set_replay(caches: list, kv: Sequence[tuple[mx.array, mx.array]], hidden: mx.array,
-               start: int, end: int, rows: int) -> None:
-    """Make the next call skip blocks 0..len(kv)-1 for positions [start, end).
+def layer_shared_caches(model: nn.Module, rows: Sequence[Sequence[Steer]],
+                        diverge: Sequence[int | None], prompt_len: int
+                        ) -> tuple[list, list[list[int]], list[int]]:
+    """Caches for prefilling one prompt for `rows`, shared by layer.
 
-    Those blocks must compute, for these rows, exactly what a one-row pass
-    computed before (no steering there, same tokens at the same positions): each
-    appends that pass's keys and values `kv[l]` instead of computing them, and
-    the last one outputs its recorded output `hidden` (1, T, D); the blocks
-    above run as usual. All of it is repeated to `rows` rows.
+    Row k is unsteered inside the prompt up to block `diverge[k]`'s output (None: through
+    every block; see `prefix.divergence`; at least one row has a block). One trunk row
+    enters block 0 alone; after block d the rows diverging there join the batch as
+    copies of the trunk with their own terms of block d, and after the last of them the
+    trunk leaves unless some row never diverges. Each block's cache holds the rows that
+    enter it. Returns (caches, the rows entering each block, the rows out of the last
+    block), rows named by their index in `rows`, the trunk by TRUNK.
     """
-    last = len(kv) - 1
-    for layer, (keys, values) in enumerate(kv):
-        out = (mx.repeat(hidden[:, start:end], rows, axis=0) if layer == last else None)
-        caches[layer].replay = [(mx.repeat(keys[..., start:end, :], rows, axis=0),
-                                 mx.repeat(values[..., start:end, :], rows, axis=0), out)]
+    last = max(d for d in diverge if d is not None)
+    keep = any(d is None for d in diverge)
+    present, caches, members = [TRUNK], [], []
+    for layer in range(len(decoder_layers(model))):
+        members.append(present)
+        c = BatchKVCache([0] * len(present))
+        at = [[s for s in ([] if r == TRUNK else rows[r]) if s.layer == layer]
+              for r in present]
+        plan = build_plans(at, [prompt_len] * len(present)).get(layer)
+        if plan is not None:
+            _check_mid(model, layer, layer, plan)
+            c.steer = plan
+        new = [k for k, d in enumerate(diverge) if d == layer]
+        drop = layer == last and not keep
+        if new or drop:
+            c.grow = Grow([build_plans([[s for s in rows[k] if s.layer == layer]],
+                                       [prompt_len]).get(layer) for k in new], drop)
+        present = [r for r in present if not (drop and r == TRUNK)] + new
+        caches.append(c)
+    return caches, members, present
+
+
+def spread_rows(caches: list, members: list[list[int]], diverge: Sequence[int | None]
+                ) -> list:
+    """The caches of `layer_shared_caches` after the prefill, as one batch row per row
+    (in place): row k's keys and values at block l are its own when it had left the
+    trunk before block l, else the trunk's (what row k computed there is bit for bit
+    what the trunk did)."""
+    for layer, (c, present) in enumerate(zip(caches, members)):
+        idx = [present.index(k) if d is not None and d < layer else present.index(TRUNK)
+               for k, d in enumerate(diverge)]
+        c.filter(mx.array(idx, dtype=mx.int32))
+        c.grow = None
+    return caches
 
 
 def keep_rows(caches: list, rows: Sequence[int]) -> list | None:
