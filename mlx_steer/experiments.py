@@ -60,8 +60,8 @@ from .catalogue import BUILTINS, builtin_spec
 from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
 from .lens import layer_stage
-from .models import base
 from .prompts import default_instruction, neutral_prompts, with_instruction
+from .scoring import METRIC_BATCH, ScoreEntry, score
 from .steer import Positions, Steer, as_steers
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ Progress = Callable[[int, int], None]
 ConceptLike = Union[Concept, str]
 
 DEFAULT_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
-METRIC_BATCH = 16  # sequences per teacher-forced scoring pass
-LOGITS_BUDGET = 1 << 26  # ... and at most this many logits in one pass (256 MB float32)
 METRIC_FIELDS = ("sentiment", "marker_rate", "marker_rate_baseline", "perplexity",
                  "repetition_rate", "distinct_2", "words", "kl_divergence", "projection",
                  "projection_baseline", "text_projection", "concept_score",
@@ -252,75 +250,9 @@ def default_layers(num_layers: int, include: int | None = None) -> list[int]:
 # ---- the engine ------------------------------------------------------------------------
 
 
-@dataclass
-class ScoreEntry:
-    """One sequence of a teacher-forced scoring pass."""
-
-    tokens: list[int]
-    prompt_len: int
-    steers: list[Steer]
-    n_gen: int
-    nll: bool
-    probes: list[tuple[int, np.ndarray, str]] = field(default_factory=list)  # layer, unit, key
-    out: dict = field(default_factory=dict)
-
-
 def _unit(v: np.ndarray) -> np.ndarray | None:
     n = float(np.linalg.norm(v))
     return None if n == 0 or not math.isfinite(n) else (np.asarray(v, np.float64) / n)
-
-
-def _chunks(entries: Sequence[ScoreEntry], batch: int, vocab: int) -> list[list[ScoreEntry]]:
-    """Consecutive groups of at most `batch` sequences and ~LOGITS_BUDGET logits."""
-    out: list[list[ScoreEntry]] = []
-    cur: list[ScoreEntry] = []
-    for e in entries:
-        width = max([len(x.tokens) for x in cur] + [len(e.tokens)])
-        if cur and (len(cur) >= batch or (len(cur) + 1) * width * vocab > LOGITS_BUDGET):
-            out.append(cur)
-            cur = []
-        cur.append(e)
-    if cur:
-        out.append(cur)
-    return out
-
-
-def score_passes(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_BATCH,
-                 progress: Callable[[], None] | None = None) -> None:
-    """Teacher-forced forward passes, up to `batch` sequences at a time (left-padded;
-    fewer when their logits would exceed `LOGITS_BUDGET` elements).
-
-    Fills `entry.out["nll"]` (mean NLL of the last `n_gen` tokens, if asked) and
-    `entry.out[key]` (mean projection on the unit direction at a layer over the
-    last `n_gen` positions) for every probe. Only the probed layers are captured,
-    and only the targets' log-probabilities leave MLX.
-    """
-    vocab = int(getattr(lab.model.args, "vocab_size", 0) or 32000)
-    for chunk in _chunks(entries, batch, vocab):
-        width = max(len(e.tokens) for e in chunk)
-        pads = [width - len(e.tokens) for e in chunk]
-        x = mx.array([[0] * p + e.tokens for p, e in zip(pads, chunk)])
-        plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
-        caches = base.make_caches(lab.model, plans, left_padding=pads)
-        layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        base.watch(lab.model, caches, layers)
-        out = lab.model(x, cache=caches)
-        logits = out[:, :-1]
-        picked = mx.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
-        tgt = picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
-        hidden = base.captured(lab.model, caches, layers, out, lab.group)
-        mx.eval(tgt, *hidden.values())
-        tgt_np = np.array(tgt)
-        hid_np = {layer: np.array(h) for layer, h in hidden.items()}
-        for b, e in enumerate(chunk):
-            n = e.n_gen
-            if e.nll:
-                e.out["nll"] = float(-tgt_np[b, width - 1 - n: width - 1].mean())
-            for layer, unit, key in e.probes:
-                h = hid_np[layer][b, width - n:].astype(np.float64)
-                e.out[key] = float((h @ unit).mean())
-        if progress:
-            progress()
 
 
 def _clean(v: Any) -> Any:
@@ -379,9 +311,10 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
         expression: also score each concept row's expression (see the module notes;
             one more teacher-forced sequence per row and per baseline).
 
-    Scoring: every row's prompt + generated tokens go through the unsteered
-    model once (perplexity, text_projection), in left-padded batches of
-    `metric_batch`, capturing only the probed blocks. The steered projection
+    Scoring: every row's generated tokens go through the unsteered model once
+    after its prompt (perplexity, text_projection), in batches of `metric_batch`,
+    capturing only the probed blocks; each distinct prompt is computed once and
+    its cache shared by its rows (`scoring.score_shared`). The steered projection
     needs no second pass when nothing upstream of the probed block is steered
     (the usual case): there the steered state is exactly the unsteered state
     plus the deltas added at that block on the positions their rule covers.
@@ -453,12 +386,13 @@ def _records(lab: "Lab", variants: list[Variant], *, max_tokens: int, temperatur
     """One record per variant (in order; baselines already added), before `tidy`."""
     n_scores = 0
     if score:
-        n_rows = len(variants) + sum(
-            not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
-            for v in variants)
-        if expression:
-            n_rows += 2 * sum(v.concept is not None for v in variants)
-        n_scores = math.ceil(n_rows / metric_batch)
+        # Unsteered sequences (shared contexts) and steered ones make separate passes.
+        n_rows = len(variants)
+        if expression:  # one instructed sequence per concept row (a baseline's shared)
+            n_rows += sum(v.concept is not None for v in variants)
+        n_steered = sum(not v.is_baseline and v.layer is not None and _needs_steered_pass(v)
+                        for v in variants)
+        n_scores = math.ceil(n_rows / metric_batch) + math.ceil(n_steered / metric_batch)
     total = max_tokens + n_scores
     done = [0]
 
@@ -602,9 +536,7 @@ def _score(lab, variants, results, records, base_of, chat, metric_batch, tick,
                     entries.append(e)
     for e in entries:
         e.steers = lab.check_input(e.tokens, e.steers)
-    # Group similar lengths together: less padding per pass.
-    order = sorted(entries, key=lambda e: len(e.tokens))
-    score_passes(lab, order, metric_batch, tick)
+    score(lab, entries, metric_batch, tick)
     for i, ue in unsteered.items():
         rec, key = records[i], f"p{i}"
         rec["perplexity"] = math.exp(ue.out["nll"])

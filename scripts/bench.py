@@ -51,6 +51,8 @@ next to wall-clock speed: on a shared machine it is the steadier figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import resource
@@ -294,15 +296,44 @@ def bench_extraction(lab, args) -> None:
 
 # ---- calibration ------------------------------------------------------------------
 
+@contextlib.contextmanager
+def unshared():
+    """Calibration as computed before prompt sharing, for the ratio: every row's
+    prompt prefilled whole in the decode, and every scored sequence run whole."""
+    from mlx_steer import experiments, generation, scoring
+
+    saved = generation.prefill_batch, experiments.score
+    generation.prefill_batch = functools.partial(saved[0], share=False)
+    experiments.score = functools.partial(scoring.score, share=False)
+    try:
+        yield
+    finally:
+        generation.prefill_batch, experiments.score = saved
+
+
 def bench_calibration(lab, args) -> None:
     """Seconds per concept: extraction without calibration, and the calibration
-    (one batched decode of the grid + teacher-forced scoring), interleaved."""
+    (one batched decode of the grid + teacher-forced scoring), interleaved; and the
+    calibration computed without prompt sharing (`unshared`), for the ratio."""
     from mlx_steer import calibrate, extract
     from mlx_steer.library import builtin_spec
 
     concepts = {n: extract.extract(lab, n, [tuple(x) for x in builtin_spec(n)["pairs"]],
                                    calibrate=False) for n in CALIBRATION_CONCEPTS}
-    cpu: dict[str, list] = {"extract": [], "calibrate": []}
+    cpu: dict[str, list] = {"extract": [], "calibrate": [], "unshared": []}
+    alphas = (calibrate.ALPHAS if args.calibration_alphas is None
+              else [float(a) for a in args.calibration_alphas.split(",")])
+    chosen: dict[str, set] = {}
+
+    def cal(name):
+        c = calibrate.calibrate(lab, concepts[name], alphas=alphas,
+                                instruction=builtin_spec(name)["instruction"],
+                                progress=lambda d, t: None)
+        chosen.setdefault(name, set()).add((c.layer, c.strength, c.steers))
+
+    def cal_unshared(name):
+        with unshared():
+            cal(name)
 
     def timed(kind, fn):
         def f():
@@ -316,20 +347,26 @@ def bench_calibration(lab, args) -> None:
     t = interleaved({
         "extract": timed("extract", lambda n: extract.extract(
             lab, n, [tuple(x) for x in builtin_spec(n)["pairs"]], calibrate=False)),
-        "calibrate": timed("calibrate", lambda n: calibrate.calibrate(
-            lab, concepts[n], instruction=builtin_spec(n)["instruction"],
-            progress=lambda d, t: None)),
+        "calibrate": timed("calibrate", cal),
+        "unshared": timed("unshared", cal_unshared),
     }, args.runs, warmup=False)
-    rows = len(calibrate.candidate_blocks(lab.num_layers)) * len(calibrate.ALPHAS) + 1
+    rows = len(calibrate.candidate_blocks(lab.num_layers)) * len(alphas) + 1
     grid = (f"{rows * calibrate.N_PROMPTS} rows ({calibrate.N_PROMPTS} prompts x "
             f"({len(calibrate.candidate_blocks(lab.num_layers))} blocks x "
-            f"{len(calibrate.ALPHAS)} strengths + unsteered)), {calibrate.MAX_TOKENS} tokens")
+            f"{len(alphas)} strengths {'/'.join(f'{a:g}' for a in alphas)} + unsteered)), "
+            f"{calibrate.MAX_TOKENS} tokens")
     OURS["calibration_s"] = med(t["calibrate"])
     row("calibration", "extraction per concept, no calibration", med(t["extract"]), "s",
         note=f"{', '.join(CALIBRATION_CONCEPTS)}; CPU {med(cpu['extract']):.1f} s")
     row("calibration", "calibration per concept", med(t["calibrate"]), "s", target="<= 10 s",
         ok=med(t["calibrate"]) <= 10, note=f"{grid}; CPU {med(cpu['calibrate']):.1f} s "
         "(user+sys, all threads); runs: " + ", ".join(f"{x:.1f}" for x in t["calibrate"]))
+    same = all(len(v) == 1 for v in chosen.values())
+    row("calibration", "calibration per concept without prompt sharing", med(t["unshared"]),
+        "s", note=f"ratio shared/unshared {med(t['calibrate']) / med(t['unshared']):.2f} "
+        f"(CPU {med(cpu['calibrate']) / med(cpu['unshared']):.2f}); same defaults chosen "
+        f"both ways: {'yes' if same else 'NO'}; runs: "
+        + ", ".join(f"{x:.1f}" for x in t["unshared"]))
 
 
 # ---- 3. compare ------------------------------------------------------------------
@@ -1014,6 +1051,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(DEFAULT),
                     help=f"comma-separated sections: {', '.join(SECTIONS)} or 'all'")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per batch-1 decode")
+    ap.add_argument("--calibration-alphas", default=None, metavar="LIST",
+                    help="strengths of the calibration grid (default: calibrate.ALPHAS), "
+                         "e.g. 0.1,0.2,0.3,0.4")
     ap.add_argument("--extraction-runs", type=int, default=1,
                     help="cold extraction runs (each takes a while)")
     ap.add_argument("--cold-empty-runs", type=int, default=1,
