@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from . import experiments
+from .activations import Progress
 from .concept import Concept
 from .errors import InvalidArgumentError
 from .prompts import prompt_set
@@ -57,7 +58,6 @@ PPL_LIMIT = 1.5
 DISTINCT_LIMIT = 0.85
 EXPRESSION_MIN = 0.1
 PROJECTION_MIN = 0.005
-Progress = Callable[[int, int], None]
 
 
 @dataclass

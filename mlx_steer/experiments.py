@@ -47,18 +47,19 @@ Record fields (always present; a metric that cannot be computed is ``None``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
-import mlx.core as mx
 import numpy as np
 
 from . import distributed
+from .activations import Progress
 from . import metrics as M
 from .catalogue import BUILTINS, builtin_spec
 from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
+from .files import jsonable
 from .lens import layer_stage
 from .prompts import default_instruction, neutral_prompts, with_instruction
 from .scoring import METRIC_BATCH, ScoreEntry, score
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
     from .lab import Lab
 
 Record = dict[str, Any]
-Progress = Callable[[int, int], None]
 ConceptLike = Union[Concept, str]
 
 DEFAULT_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
@@ -255,15 +255,6 @@ def _unit(v: np.ndarray) -> np.ndarray | None:
     return None if n == 0 or not math.isfinite(n) else (np.asarray(v, np.float64) / n)
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
 def with_baselines(variants: Sequence[Variant]) -> list[Variant]:
     """`variants` preceded by an unsteered row for each prompt that has no baseline row."""
     variants = list(variants)
@@ -340,7 +331,7 @@ def run(lab: "Lab", variants: Sequence[Variant], *, max_tokens: int = 60,
 def tidy(records: Sequence[Record]) -> list[Record]:
     """Uniform columns (first-appearance order; None where a row lacks one), plain values."""
     keys = list(dict.fromkeys(k for rec in records for k in rec))
-    return [{k: _clean(rec.get(k)) for k in keys} for rec in records]
+    return [{k: jsonable(rec.get(k)) for k in keys} for rec in records]
 
 
 def rank_rows(variants: Sequence[Variant], rank: int, size: int) -> tuple[range, list[int]]:
@@ -372,7 +363,7 @@ def _run_shared(lab: "Lab", variants: list[Variant], group, timeout: float | Non
         for i, rec in zip(need, recs):
             if i in own:
                 rec["row"] = i
-                out.append({k: _clean(x) for k, x in rec.items()})
+                out.append({k: jsonable(x) for k, x in rec.items()})
         return out
 
     parts = distributed.gather_results(mine, group, what="experiment grid", timeout=timeout)

@@ -12,7 +12,7 @@ Recommended defaults (documented rule):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from .calibrate import apply as apply_calibration
 from .calibrate import calibrate as calibrate_concept
 from .concept import Concept, validate_name
 from .errors import InvalidArgumentError
-from .prompts import neutral_prompts  # noqa: F401 - re-exported: scripts import it here
 
 if TYPE_CHECKING:
     from .lab import Lab

@@ -22,9 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
-from .catalogue import BUILTINS, builtin_spec  # noqa: F401 - re-exported: scripts import them here
 from .concept import NAME_PATTERN, SCHEMA_VERSION, Concept, validate_name
 from .config import home
 from .errors import (ConceptNotFoundError, CorruptFileError, ModelMismatchError,

@@ -185,17 +185,3 @@ def massive_positions(hidden_layer: np.ndarray) -> np.ndarray:
     mask = (peak > 100) & (peak > 1000 * np.median(a))
     mask[0] = True
     return mask
-
-
-def relative_strength(strength: float, vector_norm: float, residual_norm: float) -> float:
-    """α_rel = |strength|·‖v‖ / median‖h‖."""
-    if residual_norm <= 0:
-        raise ValueError(f"residual_norm must be positive, got {residual_norm}")
-    return abs(strength) * vector_norm / residual_norm
-
-
-def raw_strength(alpha_rel: float, vector_norm: float, residual_norm: float) -> float:
-    """Inverse of `relative_strength`: the multiplier of v that gives α_rel."""
-    if vector_norm <= 0:
-        raise ValueError(f"vector_norm must be positive, got {vector_norm}")
-    return alpha_rel * residual_norm / vector_norm

@@ -269,8 +269,8 @@ def bench_extraction(lab, args) -> None:
 
     # The same concepts without the calibration, and with the original's data
     # (each built-in's single seed pair, last token): every layer from one batched pass.
-    from mlx_steer import extract
-    from mlx_steer.library import builtin_spec
+    from mlx_steer import activations, extract
+    from mlx_steer.catalogue import builtin_spec
 
     specs = {c.name: builtin_spec(c.name) for c in cs}
     seed_texts = [t for sp in specs.values() for t in sp["seed_pair"]]
@@ -281,7 +281,7 @@ def bench_extraction(lab, args) -> None:
                             chat=sp.get("template") == "chat")
 
     def seed():
-        pooled, _ = extract.capture(lab, seed_texts)
+        pooled, _ = activations.capture(lab, seed_texts)
         pooled[0::2] - pooled[1::2]  # the 17 vectors at every layer
 
     t = interleaved({"nocal": nocal, "seed": seed}, args.runs)
@@ -316,7 +316,7 @@ def bench_calibration(lab, args) -> None:
     (one batched decode of the grid + teacher-forced scoring), interleaved; and the
     calibration computed without prompt sharing (`unshared`), for the ratio."""
     from mlx_steer import calibrate, extract
-    from mlx_steer.library import builtin_spec
+    from mlx_steer.catalogue import builtin_spec
 
     concepts = {n: extract.extract(lab, n, [tuple(x) for x in builtin_spec(n)["pairs"]],
                                    calibrate=False) for n in CALIBRATION_CONCEPTS}

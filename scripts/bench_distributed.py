@@ -41,7 +41,7 @@ def worker(args) -> None:
     import mlx_steer
     from mlx_steer import distributed
     from mlx_steer import experiments as X
-    from mlx_steer.extract import neutral_prompts
+    from mlx_steer.prompts import neutral_prompts
 
     group = distributed.world()
     lab = mlx_steer.load(args.model)

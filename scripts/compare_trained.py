@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import mlx_steer
 from mlx_steer import experiments
 from mlx_steer.prompts import neutral_prompts
-from mlx_steer.library import builtin_spec
+from mlx_steer.catalogue import builtin_spec
 
 METHODS = ("mean", "pca", "trained")
 

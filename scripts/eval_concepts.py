@@ -52,7 +52,7 @@ from mlx_steer import experiments as E
 from mlx_steer.calibrate import apply as apply_calibration
 from mlx_steer.calibrate import calibrate
 from mlx_steer.concept import Concept
-from mlx_steer.library import BUILTINS, builtin_spec
+from mlx_steer.catalogue import BUILTINS, builtin_spec
 from mlx_steer.prompts import prompt_set
 
 BOOTSTRAP = 2000

@@ -268,7 +268,7 @@ def test_sampled_rows_share_the_seed(lab):
 @pytest.mark.model
 def test_smollm_sweep_rows_equal_one_by_one(smollm):
     from mlx_steer.extract import extract
-    from mlx_steer.library import builtin_spec
+    from mlx_steer.catalogue import builtin_spec
 
     c = extract(smollm, "happy", builtin_spec("happy")["pairs"][:4], calibrate=False)
     prompt = "Tell me about your weekend."

@@ -145,14 +145,6 @@ def test_massive_positions_needs_absolute_threshold():
     assert m.massive_positions(layer).tolist() == [True, False, False, False]
 
 
-def test_relative_raw_strength_round_trip():
-    alpha = m.relative_strength(2.0, vector_norm=27.96, residual_norm=241.0)
-    assert alpha == pytest.approx(2.0 * 27.96 / 241.0)
-    assert m.raw_strength(alpha, 27.96, 241.0) == pytest.approx(2.0)
-    assert m.relative_strength(-4.0, 10.0, 100.0) == pytest.approx(0.4)
-    assert m.relative_strength(m.raw_strength(0.3, 5.0, 150.0), 5.0, 150.0) == pytest.approx(0.3)
-
-
 def test_lexicon_rate_counts_category_words():
     # "furious" and "rage" are Empath anger words; the other words are not
     assert m.lexicon_rate("I am furious, full of rage!", ["anger"]) == pytest.approx(2 / 6)

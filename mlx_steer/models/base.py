@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..steer import EMBEDDING, NEVER, Steer
@@ -404,10 +404,6 @@ def wait_for_generation() -> None:
     from mlx_lm.generate import generation_stream
 
     mx.synchronize(generation_stream)
-
-
-def new_kv_cache() -> KVCache:
-    return KVCache()
 
 
 class ResidualWriters:
