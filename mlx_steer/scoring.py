@@ -72,6 +72,19 @@ def _chunks(entries: Sequence[ScoreEntry], batch: int, vocab: int,
     return out
 
 
+def _forward(lab: "Lab", x: mx.array, caches: list, chunk: Sequence[ScoreEntry]
+             ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """One pass of `x` through `caches`: the targets' log-probabilities (B, T-1) and
+    the states at every layer the chunk's entries probe, as NumPy arrays."""
+    layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
+    base.watch(lab.model, caches, layers)
+    out = lab.model(x, cache=caches)
+    tgt = _target_logprobs(out, x)
+    hidden = base.captured(lab.model, caches, layers, out, lab.group)
+    mx.eval(tgt, *hidden.values())
+    return np.array(tgt), {layer: np.array(h) for layer, h in hidden.items()}
+
+
 def _target_logprobs(out: mx.array, x: mx.array) -> mx.array:
     """log p(x[:, t+1] | ...) from logits `out` (B, T, V): (B, T-1), float32."""
     logits = out[:, :-1]
@@ -96,14 +109,7 @@ def score_passes(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_
         x = mx.array([[0] * p + e.tokens for p, e in zip(pads, chunk)])
         plans = base.build_plans([e.steers for e in chunk], [e.prompt_len for e in chunk])
         caches = base.make_caches(lab.model, plans, left_padding=pads)
-        layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        base.watch(lab.model, caches, layers)
-        out = lab.model(x, cache=caches)
-        tgt = _target_logprobs(out, x)
-        hidden = base.captured(lab.model, caches, layers, out, lab.group)
-        mx.eval(tgt, *hidden.values())
-        tgt_np = np.array(tgt)
-        hid_np = {layer: np.array(h) for layer, h in hidden.items()}
+        tgt_np, hid_np = _forward(lab, x, caches, chunk)
         for b, e in enumerate(chunk):
             n = e.n_gen
             if e.nll:
@@ -162,14 +168,7 @@ def score_shared(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_
         width = max(e.n_gen for e in chunk) + 1
         x = mx.array([[e.tokens[e.prompt_len - 1]] + e.tokens[e.prompt_len:]
                       + [0] * (width - 1 - e.n_gen) for e in chunk])
-        layers = sorted({layer for e in chunk for layer, _, _ in e.probes})
-        base.watch(lab.model, caches, layers)
-        out = lab.model(x, cache=caches)
-        tgt = _target_logprobs(out, x)
-        hidden = base.captured(lab.model, caches, layers, out, lab.group)
-        mx.eval(tgt, *hidden.values())
-        tgt_np = np.array(tgt)
-        hid_np = {layer: np.array(h) for layer, h in hidden.items()}
+        tgt_np, hid_np = _forward(lab, x, caches, chunk)
         for b, e in enumerate(chunk):
             n = e.n_gen
             if e.nll:
