@@ -143,12 +143,17 @@ def _ppl_ratio(rows: list[dict], base: list[dict]) -> float:
 def summarise(rule: dict, rows: list[dict], base: dict[str, dict]) -> dict:
     """One variant kind (steered or prompted) of one concept against the unsteered rows."""
     b = [base[r["prompt"]] for r in rows]
-    diffs = np.array([metric_of(rule, r) - metric_of(rule, x) for r, x in zip(rows, b)])
+    # The unsteered row of a prompt is shared by every concept of a batch, and its own
+    # marker list is theirs together: each row's `concept_score_baseline` scores that
+    # text by the row's own rule, which is what a paired change needs.
+    base_scores = [r["concept_score_baseline"] if r.get("concept_score_baseline") is not None
+                   else metric_of(rule, x) for r, x in zip(rows, b)]
+    diffs = np.array([metric_of(rule, r) - sb for r, sb in zip(rows, base_scores)])
     expr = np.array([(r["expression"] or 0.0) - (r["expression_baseline"] or 0.0)
                      for r in rows])
     out = {"n": len(rows),
            "metric": float(np.mean([metric_of(rule, r) for r in rows])),
-           "metric_base": float(np.mean([metric_of(rule, x) for x in b])),
+           "metric_base": float(np.mean(base_scores)),
            "delta": bootstrap_ci(diffs), "expression": bootstrap_ci(expr, 1),
            "wrong_way": float(np.mean(diffs < 0)),
            "ppl_ratio": _ppl_ratio(rows, b),
@@ -159,6 +164,27 @@ def summarise(rule: dict, rows: list[dict], base: dict[str, dict]) -> dict:
                [r["sentiment"] - x["sentiment"] for r, x in zip(rows, b)]), 2)}
     out["verdict"] = verdict(rule["kind"], out)
     return out
+
+
+def rescore(results: list[dict], sources: list[dict]) -> list[dict]:
+    """`results` summarised again from saved records (`--from-json`): each (concept,
+    method) from the first of `sources` (saved --json runs) that holds its rows, against
+    that run's unsteered rows. Results without saved rows keep their summaries."""
+    for res in results:
+        for src in sources:
+            mine = [r for r in src.get("records", []) if r.get("concept") == res["concept"]
+                    and r.get("method") == res["method"] and not r.get("is_baseline")]
+            if not mine:
+                continue
+            base = {r["prompt"]: r for r in src["records"] if r.get("is_baseline")}
+            spec = builtin_spec("happy" if res["concept"] == CONTROL else res["concept"])
+            rule = spec["eval"]
+            for kind, key in (("eval", "steered"), ("prompted", "prompted")):
+                rows = [r for r in mine if r["kind"] == kind]
+                if rows:
+                    res[key] = summarise(rule, rows, base)
+            break
+    return results
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -285,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the results of an earlier --json run for the concepts this run "
                          "does not evaluate (the report lists them)")
     ap.add_argument("--from-json", default=None, metavar="JSON",
-                    help="only render the report from an earlier --json run's results")
+                    help="only render the report from earlier --json runs (comma-separated; "
+                         "each concept is summarised again from the first run holding its rows)")
     ap.add_argument("--group", type=int, default=6,
                     help="concepts per batched decode (they share the unsteered rows)")
     args = ap.parse_args(argv)
@@ -297,9 +324,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        text = report(saved.get("model", "smollm2-135m"), saved["results"], args,
-                      saved.get("seconds", float("nan")))
+        sources = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
+        saved = sources[0]
+        results = rescore(saved["results"], sources)
+        merged = sorted({r["concept"] for r in results
+                         if not any(x.get("concept") == r["concept"]
+                                    for x in saved.get("records", []))})
+        text = report(saved.get("model", "smollm2-135m"), results, args,
+                      saved.get("seconds", float("nan")), merged=merged)
         Path(args.out).write_text(text)
         print(text)
         return 0
