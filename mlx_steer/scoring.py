@@ -19,6 +19,7 @@ Two ways, with the same results up to float rounding:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -128,7 +129,7 @@ def _fill_probes(e: ScoreEntry, hidden: dict[int, np.ndarray]) -> None:
 def shareable(e: ScoreEntry) -> bool:
     """An entry `score_shared` can score: unsteered, with a context of >= 2 tokens
     and at least one generated token."""
-    return not any(not s.is_noop for s in e.steers) and e.prompt_len >= 2 and e.n_gen >= 1
+    return all(s.is_noop for s in e.steers) and e.prompt_len >= 2 and e.n_gen >= 1
 
 
 def _prefill_context(lab: "Lab", context: Sequence[int]) -> list:
@@ -158,10 +159,8 @@ def score_shared(lab: "Lab", entries: Sequence[ScoreEntry], batch: int = METRIC_
     prefilled: dict[tuple[int, ...], list] = {}
     for chunk in _chunks(ordered, batch, _vocab(lab), lambda e: e.n_gen + 1):
         caches = None
-        counts: dict[tuple[int, ...], int] = {}
-        for e in chunk:  # grouped by context already: consecutive runs
-            counts[context_of[id(e)]] = counts.get(context_of[id(e)], 0) + 1
-        for ctx, n in counts.items():
+        # grouped by context already: consecutive runs, in order
+        for ctx, n in Counter(context_of[id(e)] for e in chunk).items():
             if ctx not in prefilled:
                 prefilled[ctx] = _prefill_context(lab, ctx)
             caches = base.join_batch(caches, base.fork_rows(prefilled[ctx], n))

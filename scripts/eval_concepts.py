@@ -59,6 +59,7 @@ BOOTSTRAP = 2000
 PPL_MAX = 2.0
 DISTINCT_MIN = 0.8
 CONTROL = "random"
+CONTROL_BASIS = "happy"  # the control is norm-matched to, and judged like, this built-in
 RULE = (f"**steers**: the concept's metric moved the right way with a bootstrap 95% interval "
         f"of the mean paired change (steered − unsteered, same prompt) above 0 — for style "
         f"concepts (marker words) the marker rate *or* the expression score — AND the "
@@ -106,15 +107,15 @@ METHODS: dict[str, Callable] = {"mean": _builtin, "pca": _pca, "mean-chat": _mea
 
 def random_control(lab) -> Concept:
     """Random directions norm-matched to "happy", calibrated like any concept."""
-    happy = lab.concept("happy")
+    happy = lab.concept(CONTROL_BASIS)
     rng = np.random.default_rng(0)
     v = rng.standard_normal(happy.vectors.shape).astype(np.float32)
     v *= (np.linalg.norm(happy.vectors, axis=1) / np.linalg.norm(v, axis=1))[:, None]
     c = Concept(name=CONTROL, vectors=v, norms=happy.norms, layer=happy.layer,
                 strength=happy.strength, model_fingerprint=lab.fingerprint,
                 model_name=lab.name, method="random", category="control",
-                extra={"eval": builtin_spec("happy")["eval"],
-                       "instruction": builtin_spec("happy")["instruction"]})
+                extra={"eval": builtin_spec(CONTROL_BASIS)["eval"],
+                       "instruction": builtin_spec(CONTROL_BASIS)["instruction"]})
     return apply_calibration(c, calibrate(lab, c))
 
 
@@ -177,7 +178,7 @@ def rescore(results: list[dict], sources: list[dict]) -> list[dict]:
             if not mine:
                 continue
             base = {r["prompt"]: r for r in src["records"] if r.get("is_baseline")}
-            spec = builtin_spec("happy" if res["concept"] == CONTROL else res["concept"])
+            spec = builtin_spec(CONTROL_BASIS if res["concept"] == CONTROL else res["concept"])
             rule = spec["eval"]
             for kind, key in (("eval", "steered"), ("prompted", "prompted")):
                 rows = [r for r in mine if r["kind"] == kind]

@@ -84,6 +84,19 @@ def _alone_logprobs(lab, tokens, steers):
     return alone - np.log(np.exp(alone - alone.max()).sum()) - alone.max()
 
 
+def _batched_equals_alone(tiny, rows, toks, steers):
+    """`rows` as one batch (small prefill chunks, so that the shared part and the rest
+    each take several); every row's text and first log-probabilities equal its lone
+    request's. Returns the batch."""
+    batched = generation.batch(tiny.model, tiny.tokenizer, toks, steers, 8, 0.0, 1.0, None,
+                               prefill_step_size=4)
+    for (prompt, steer), t, row in zip(rows, toks, batched):
+        assert row.text == tiny.generate(prompt, steer, max_tokens=8)
+        np.testing.assert_allclose(row.first_logprobs, _alone_logprobs(tiny, t, steer),
+                                   atol=1e-4)
+    return batched
+
+
 @pytest.mark.parametrize("positions", ["generated", 6, "all"])
 def test_forked_rows_equal_rows_prefilled_alone(tiny, positions):
     v, w = vec(tiny.hidden_size, 1), vec(tiny.hidden_size, 2)
@@ -107,13 +120,7 @@ def test_forked_rows_equal_rows_prefilled_alone(tiny, positions):
     else:
         k = len(toks[0]) if positions == "generated" else 6
         assert groups == [prefix.Group((0, 1, 2, 4, 5), k)]
-    # small chunks so that the shared part and the rest each take several
-    batched = generation.batch(tiny.model, tiny.tokenizer, toks, steers, 8, 0.0, 1.0, None,
-                               prefill_step_size=4)
-    for (prompt, steer), t, row in zip(rows, toks, batched):
-        assert row.text == tiny.generate(prompt, steer, max_tokens=8)
-        np.testing.assert_allclose(row.first_logprobs, _alone_logprobs(tiny, t, steer),
-                                   atol=1e-4)
+    batched = _batched_equals_alone(tiny, rows, toks, steers)
     assert batched[0].text == batched[5].text
     assert batched[0].text != batched[1].text
 
@@ -140,12 +147,7 @@ def test_rows_shared_by_layer_equal_rows_prefilled_alone(tiny):
     assert groups == [prefix.Group((1, 8), len(toks[1]))]
     assert layered == [prefix.LayerGroup((0, 2, 4, 5, 6), (2, 1, 2, 2, 2))]
     assert rest == [3, 7]
-    batched = generation.batch(tiny.model, tiny.tokenizer, toks, steers, 8, 0.0, 1.0, None,
-                               prefill_step_size=4)
-    for (prompt, steer), t, row in zip(rows, toks, batched):
-        assert row.text == tiny.generate(prompt, steer, max_tokens=8)
-        np.testing.assert_allclose(row.first_logprobs, _alone_logprobs(tiny, t, steer),
-                                   atol=1e-4)
+    batched = _batched_equals_alone(tiny, rows, toks, steers)
     assert len({r.text for r in batched}) > 2
 
 
