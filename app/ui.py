@@ -214,8 +214,9 @@ def calibration_view(concept: mlx_steer.Concept, key: str) -> None:
         f"calibration prompts at every block × α above, scored under the unsteered model. "
         f"Expression: how much more likely the text becomes when the prompt says "
         f"“{cal['instruction']}”. The default (block {concept.layer}, α = "
-        f"{concept.strength:g}) is the most expressive candidate that stays coherent "
-        f"(perplexity ≤ 1.5× and distinct-2 ≥ 0.85× the unsteered text); it {verdict}.")
+        f"{concept.strength:g}) is, of the candidates that stay coherent (perplexity ≤ 1.5× "
+        f"and distinct-2 ≥ 0.85× the unsteered text) and express the concept, the one whose "
+        f"text moves the model's activations furthest along the concept; it {verdict}.")
 
 
 def chart(c: alt.TopLevelMixin, key: str | None = None, **kw):

@@ -23,10 +23,14 @@ invalidates cached built-ins):
    over generated tokens, against the unsteered rows' text). Two signals, one
    from the text's likelihood and one from the model's activations: a random
    direction, whose text changes only by chance, rarely passes both.
-   The default is the most expressive coherent candidate that expresses
-   (ties: the weaker α). When none does, the concept is reported as not
-   steering (`steers=False`); its default is then its most expressive
-   coherent candidate, or the weakest α at the middle block if none is coherent.
+   The default is, among the coherent candidates that express the concept,
+   the one whose text moves the activations furthest along the concept
+   direction (ties: the weaker α). Version 3; versions 1–2 took the largest
+   expression gain, which on 3 short texts ranked a weaker candidate first
+   where the stronger one steered clearly (docs/CONCEPTS_EVAL.md). When none
+   does, the concept is reported as not steering (`steers=False`); its
+   default is then its most expressive coherent candidate, or the weakest α
+   at the middle block if none is coherent.
 
 The whole grid is kept on the concept (`concept.extra["calibration"]`) for
 charts and the library page.
@@ -49,7 +53,7 @@ from .prompts import prompt_set
 if TYPE_CHECKING:
     from .lab import Lab
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 3
 BLOCK_FRACTIONS = (0.4, 0.5, 0.6)
 ALPHAS = (0.1, 0.2, 0.3)
 N_PROMPTS = 3
@@ -121,7 +125,7 @@ def choose(grid: Sequence[dict], middle: int, weakest: float) -> tuple[int, floa
         return middle, weakest, False
     expressive = [g for g in coherent if expresses(g)]
     if expressive:
-        best = max(expressive, key=lambda g: (g["expression"], -g["strength"]))
+        best = max(expressive, key=lambda g: (g["projection"], -g["strength"]))
         return best["layer"], best["strength"], True
     best = max(coherent, key=lambda g: (g["expression"], -g["strength"]))
     return best["layer"], best["strength"], False

@@ -19,12 +19,13 @@ def _g(layer, a, expression, projection=0.02, coherent=True):
             "projection": projection, "coherent": coherent}
 
 
-def test_choose_takes_the_most_expressive_coherent_candidate():
-    grid = [_g(4, 0.1, 0.2), _g(4, 0.2, 0.5), _g(4, 0.3, 0.9, coherent=False),
-            _g(6, 0.1, 0.3)]
-    assert C.choose(grid, 5, 0.1) == (4, 0.2, True)
-    # Equal expression: the weaker strength.
-    assert C.choose([_g(4, 0.3, 0.5), _g(6, 0.1, 0.5)], 5, 0.1) == (6, 0.1, True)
+def test_choose_takes_the_coherent_expressing_candidate_that_moves_the_activations_most():
+    grid = [_g(4, 0.1, 0.2, projection=0.01), _g(4, 0.2, 0.5, projection=0.02),
+            _g(4, 0.3, 0.9, projection=0.09, coherent=False), _g(6, 0.1, 0.3, projection=0.03),
+            _g(6, 0.2, 0.05, projection=0.08)]  # expression under the minimum: not expressing
+    assert C.choose(grid, 5, 0.1) == (6, 0.1, True)
+    # Equal projection: the weaker strength.
+    assert C.choose([_g(4, 0.3, 0.5), _g(6, 0.1, 0.2)], 5, 0.1) == (6, 0.1, True)
 
 
 def test_choose_reports_not_steering():

@@ -293,9 +293,8 @@ def test_builtin_is_extracted_once_then_read_from_cache(lab, monkeypatch):
 
 @pytest.mark.model
 def test_happy_and_sad_defaults_move_sentiment_apart_on_smollm(smollm):
-    """At their calibrated defaults: happy raises VADER over the unsteered rows, and
-    sad's rows score well below happy's (sad alone moves VADER only weakly on this
-    model: docs/CONCEPTS_EVAL.md)."""
+    """At their calibrated defaults: happy raises VADER over the unsteered rows, sad
+    lowers it, and the two end up far apart (docs/CONCEPTS_EVAL.md)."""
     from mlx_steer.metrics import sentiment
 
     prompts = ["Describe a rainy Monday morning.", "Write about waiting at the bus stop.",
@@ -305,4 +304,5 @@ def test_happy_and_sad_defaults_move_sentiment_apart_on_smollm(smollm):
     out = smollm.generate_batch(rows, max_tokens=30)
     base, up, down = np.array([sentiment(t) for t in out]).reshape(3, len(prompts)).mean(axis=1)
     assert up > base + 0.2, out
-    assert down < up - 0.2, out
+    assert down < base, out
+    assert down < up - 0.4, out
