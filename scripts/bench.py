@@ -56,6 +56,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1082,6 +1083,18 @@ def main(argv=None) -> int:
         only = tuple(x for x in needed if x not in only) + only
         only = tuple(x for x in only if x != "reference") + ("reference",)
 
+    # MLX compiles its fused CPU kernels at run time and caches them by name under
+    # $TMPDIR/mlx, whatever flags built them (the shim adds -march=native): a fresh folder
+    # per run, so that every run measures the kernels its own setting compiles.
+    jit_tmp = tempfile.mkdtemp(prefix="mlx-steer-bench-")
+    os.environ["TMPDIR"] = jit_tmp
+    try:
+        return _run(args, only)
+    finally:
+        shutil.rmtree(jit_tmp, ignore_errors=True)
+
+
+def _run(args, only) -> int:
     import mlx.core as mx
     from mlx_steer import fastpath
 
@@ -1090,6 +1103,7 @@ def main(argv=None) -> int:
     lab = load_lab(args.model)
     meta = {**machine(), "model": lab.name, "runs": args.runs, "mlx": mx.__version__,
             "fastpath": fastpath.describe(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "shim_native": os.environ.get("MLX_STEER_SHIM_NATIVE", "1") != "0",
             "load_seconds": time.perf_counter() - t, "load_before": load_before,
             "command": " ".join([Path(sys.executable).name] + sys.argv)}
     if "extraction" in only or "compare" in only or "sweeps" in only or "overhead" in only:

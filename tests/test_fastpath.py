@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -332,6 +333,67 @@ def test_same_logprobs(runs, fast):
     for k in ("plain", "steered", "batch_first", "logits"):
         assert p[k].shape == f[k].shape, k
         np.testing.assert_allclose(f[k], p[k], atol=ATOL, rtol=0, err_msg=k)
+
+
+JIT_CHILD = textwrap.dedent(r"""
+    import sys
+    import numpy as np
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    @mx.compile
+    def swiglu(g, u):  # mlx-lm's compiled SwiGLU
+        return nn.silu(g) * u
+
+    @mx.compile
+    def mix(a, b):  # exp, tanh, log1p, division and a broadcast in one fused kernel
+        return nn.gelu_approx(a) + mx.log1p(mx.exp(-mx.abs(b))) / (1.0 + a * a) * b[0]
+
+    @mx.compile
+    def scaled(a, b):  # a strided input against a contiguous one
+        return mx.sigmoid(a.T) * b
+
+    rng = np.random.default_rng(3)
+    g, u = (mx.array(rng.standard_normal((8, 1536)).astype(np.float32) * 6) for _ in "gu")
+    out = {"swiglu": swiglu(g, u), "swiglu_1": swiglu(g[:1], u[:1]),
+           "swiglu_t": swiglu(g.T, u.T), "mix": mix(g, u),
+           "scaled": scaled(g[:, :8], u[:8, :8])}
+    np.savez(sys.argv[1], **{k: np.array(v) for k, v in out.items()})
+""")
+
+
+def test_native_jit_kernels_bit_identical(tmp_path):
+    """The shim compiles MLX's fused CPU kernels with -march=native (contraction off): each
+    kernel computes bit for bit what MLX's own build does. Each child gets a fresh TMPDIR,
+    since MLX reuses kernels cached there by name whatever flags built them."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the fast CPU path is Linux-only")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++: MLX runs its compiled functions op by op")
+    fast = _fast_env()
+    if fast is None:
+        pytest.skip("the sgemv shim is not available")
+    script = tmp_path / "jit.py"
+    script.write_text(JIT_CHILD)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("LD_PRELOAD", "MLX_STEER_SHIM_STATS", "MLX_STEER_SHIM_NATIVE")}
+    out, kernels = {}, {}
+    for name, extra in (("plain", {}), ("native", {**fast, "MLX_STEER_SHIM_STATS": "1"})):
+        tmp = tmp_path / f"tmp_{name}"
+        tmp.mkdir()
+        p = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")],
+                           env={**base_env, **extra, "TMPDIR": str(tmp)},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{name} child failed:\n{p.stderr[-3000:]}"
+        out[name] = dict(np.load(tmp_path / f"{name}.npz"))
+        kernels[name] = sorted(f.name for f in tmp.glob("mlx/*/cpu/*.so"))
+    assert kernels["plain"] and kernels["native"] == kernels["plain"]  # JIT took place
+    m = re.search(r"(\d+) MLX kernel compilations given -march=native", p.stderr)
+    assert m and int(m.group(1)) == len(kernels["native"]), p.stderr[-2000:]  # all of them
+    for k, want in out["plain"].items():
+        got = out["native"][k]
+        assert got.dtype == want.dtype and got.shape == want.shape, k
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
 
 
 # ---- the module itself, without subprocesses ---------------------------------------

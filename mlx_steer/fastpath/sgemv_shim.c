@@ -33,6 +33,16 @@
  * and only the order of the sums changes. A twin is used only while the first and last
  * elements of W still hold the values seen at registration (AVX-512 machines only).
  *
+ * MLX's compiled CPU kernels: MLX compiles a fused kernel (mx.compile, e.g. mlx-lm's
+ * SwiGLU) at run time with `g++ -std=c++17 -O3 -Wall -fPIC -shared ...` through popen(),
+ * without -march: exp stays scalar and every fma is a call into libm. popen() here adds
+ * `-march=native -ffp-contract=off` to that command (only to a command starting with
+ * exactly that prefix; every other command passes through unchanged). Contraction stays
+ * off, so each kernel does the same float operations, each correctly rounded, and its
+ * results are bit-identical; only the instructions change (vectors, inline fma). MLX
+ * caches each kernel under $TMPDIR/mlx/<version>/cpu by name: a kernel compiled before
+ * (without the shim) is reused as it is; delete that folder to recompile.
+ *
  * Results: the same sums in another order, so outputs may differ in the last bits of
  * float32 (tests require identical greedy tokens and log-probabilities within 1e-3).
  *
@@ -41,13 +51,15 @@
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
  * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
  * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
- * times an idle pool thread polls for work before it sleeps (default 1000, 0: never).
+ * times an idle pool thread polls for work before it sleeps (default 1000, 0: never);
+ * MLX_STEER_SHIM_NATIVE=0 leaves MLX's kernel compilations as they are.
  *
  * Build (mlx_steer.fastpath.build does it):
  *     cc -O3 -shared -fPIC -o libmlxsteer_sgemv.so sgemv_shim.c -ldl -lpthread
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,7 +81,7 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 static sgemm_fn real_sgemm;
 static void (*pypi_set_threads)(int); /* pending: PyPI OpenBLAS to 1 thread on first call */
 static sgemv_fn real_sgemv;
-static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row;
+static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row, n_native;
 static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
@@ -77,12 +89,14 @@ static int nthreads = 1;
 static int spin = 1000; /* polls (x86 pause) before a pool thread sleeps */
 static int twin_split_rows = 2; /* rows from which twin products are split over threads */
 static int twin_isa; /* quantised twins usable (AVX-512) */
+static int native = 1; /* add -march=native to MLX's kernel compilations */
 
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
                     "%lu few-row products to the small kernel, %lu to quantised twins, "
-                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel\n",
-            n_gemv, n_small, n_twin, n_gemm, n_row);
+                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel, "
+                    "%lu MLX kernel compilations given -march=native\n",
+            n_gemv, n_small, n_twin, n_gemm, n_row, n_native);
 }
 
 static int env_int(const char *name, int dflt) {
@@ -131,6 +145,8 @@ __attribute__((constructor)) static void shim_init(void) {
     s = getenv("MLX_STEER_SHIM_SPIN");
     if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
+    s = getenv("MLX_STEER_SHIM_NATIVE");
+    native = !(s && strcmp(s, "0") == 0);
 }
 
 /* Exported so a test can tell that the shim is loaded. */
@@ -694,4 +710,39 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
     }
     if (stats) __atomic_fetch_add(&n_gemm, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* ---- MLX's compiled CPU kernels -------------------------------------------------------- */
+/* The command MLX 0.32 compiles each fused CPU kernel with (mlx/backend/cpu/compiled.cpp),
+ * up to its include flags and file names. Nothing else starts with it. */
+static const char MLX_JIT_PREFIX[] = "g++ -std=c++17 -O3 -Wall -fPIC -shared ";
+/* -march=native: vector exp, inline fma. -ffp-contract=off, explicit: no a * b + c is
+ * fused into one rounding, so every kernel computes what it computed without -march. */
+static const char MLX_JIT_FLAGS[] = "-march=native -ffp-contract=off ";
+
+typedef FILE *(*popen_fn)(const char *, const char *);
+
+FILE *popen(const char *command, const char *type) {
+    static popen_fn real_popen;
+    popen_fn real = __atomic_load_n(&real_popen, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (popen_fn)dlsym(RTLD_NEXT, "popen");
+        if (!real) return NULL;
+        __atomic_store_n(&real_popen, real, __ATOMIC_RELEASE);
+    }
+    const size_t np = sizeof MLX_JIT_PREFIX - 1, nf = sizeof MLX_JIT_FLAGS - 1;
+    if (!native || !command || strncmp(command, MLX_JIT_PREFIX, np) != 0)
+        return real(command, type);
+    size_t n = strlen(command);
+    char *cmd = malloc(n + nf + 1);
+    if (!cmd) return real(command, type);
+    memcpy(cmd, command, np);
+    memcpy(cmd + np, MLX_JIT_FLAGS, nf);
+    memcpy(cmd + np + nf, command + np, n - np + 1);
+    FILE *f = real(cmd, type);
+    int e = errno;
+    free(cmd);
+    errno = e;
+    if (f && stats) __atomic_fetch_add(&n_native, 1, __ATOMIC_RELAXED);
+    return f;
 }
