@@ -167,15 +167,21 @@ static void zero(float *y, int n, int inc) {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
 
-/* Pairwise sum of the W lanes of a vector. */
-#define hsum(v, W)                                                                          \
+typedef float v4 __attribute__((vector_size(16)));
+
+/* Pairwise sum of the lanes of a vector: lane l plus lane l + W/2, then the same on the
+ * W/2 sums, down to one (the order _mm512_reduce_add_ps sums in). In registers, halves
+ * added as vectors: summing the lanes through memory stalled the one-row products. */
+#define HALVES(H, v)                                                                        \
     ({                                                                                      \
-        float t_[W];                                                                        \
-        memcpy(t_, &(v), sizeof t_);                                                        \
-        for (int h_ = (W) / 2; h_ >= 1; h_ /= 2)                                            \
-            for (int l_ = 0; l_ < h_; l_++) t_[l_] += t_[l_ + h_];                          \
-        t_[0];                                                                              \
+        H lo_, hi_;                                                                         \
+        memcpy(&lo_, &(v), sizeof lo_);                                                     \
+        memcpy(&hi_, (const char *)&(v) + sizeof lo_, sizeof hi_);                          \
+        lo_ + hi_;                                                                          \
     })
+#define hsum4(v) (((v)[0] + (v)[2]) + ((v)[1] + (v)[3]))
+#define hsum8(v) ({ v4 q_ = HALVES(v4, v); hsum4(q_); })
+#define hsum16(v) ({ v8 o_ = HALVES(v8, v); hsum8(o_); })
 
 static inline void put(float *c, float s, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * s : alpha * s + beta * *c;
@@ -185,7 +191,7 @@ static inline void put(float *c, float s, float alpha, float beta) {
  * Each block of 4 weight rows (B) is read from memory once and reused, from L1, for
  * every pair of input rows (A). VT is a vector of W floats; the body is instantiated
  * per instruction set below and chosen at load time. */
-#define SMALLM_COLS(NAME, ATTR, VT, W)                                                      \
+#define SMALLM_COLS(NAME, ATTR, VT, W, HSUM)                                                      \
     ATTR static void NAME(int M, int n0, int n1, int K, float alpha, const float *A,       \
                           int lda, const float *B, int ldb, float beta, float *C,          \
                           int ldc) {                                                       \
@@ -198,21 +204,32 @@ static inline void put(float *c, float s, float alpha, float beta) {
                 const int two = m + 1 < M;                                                 \
                 const float *x0 = A + (size_t)m * lda, *x1 = two ? x0 + lda : x0;          \
                 VT a0[4] = {{0}}, a1[4] = {{0}};                                           \
-                for (int k = 0; k < KW; k += W) {                                          \
-                    VT x, y, b;                                                            \
-                    memcpy(&x, x0 + k, sizeof x);                                          \
-                    memcpy(&y, x1 + k, sizeof y);                                          \
-                    for (int j = 0; j < 4; j++) {                                          \
-                        memcpy(&b, w[j] + k, sizeof b);                                    \
-                        a0[j] += x * b;                                                    \
-                        a1[j] += y * b;                                                    \
+                if (two) {                                                                 \
+                    for (int k = 0; k < KW; k += W) {                                      \
+                        VT x, y, b;                                                        \
+                        memcpy(&x, x0 + k, sizeof x);                                      \
+                        memcpy(&y, x1 + k, sizeof y);                                      \
+                        for (int j = 0; j < 4; j++) {                                      \
+                            memcpy(&b, w[j] + k, sizeof b);                                \
+                            a0[j] += x * b;                                                \
+                            a1[j] += y * b;                                                \
+                        }                                                                  \
+                    }                                                                      \
+                } else { /* a last, odd row (one-row products): the same sums, once */     \
+                    for (int k = 0; k < KW; k += W) {                                      \
+                        VT x, b;                                                           \
+                        memcpy(&x, x0 + k, sizeof x);                                      \
+                        for (int j = 0; j < 4; j++) {                                      \
+                            memcpy(&b, w[j] + k, sizeof b);                                \
+                            a0[j] += x * b;                                                \
+                        }                                                                  \
                     }                                                                      \
                 }                                                                          \
                 for (int j = 0; j < 4; j++) {                                              \
-                    float s0 = hsum(a0[j], W), s1 = hsum(a1[j], W);                        \
+                    float s0 = HSUM(a0[j]), s1 = two ? HSUM(a1[j]) : 0.0f;                 \
                     for (int k = KW; k < K; k++) {                                         \
                         s0 += x0[k] * w[j][k];                                             \
-                        s1 += x1[k] * w[j][k];                                             \
+                        if (two) s1 += x1[k] * w[j][k];                                    \
                     }                                                                      \
                     put(C + (size_t)m * ldc + n + j, s0, alpha, beta);                     \
                     if (two) put(C + (size_t)(m + 1) * ldc + n + j, s1, alpha, beta);      \
@@ -229,7 +246,7 @@ static inline void put(float *c, float s, float alpha, float beta) {
                     memcpy(&v, wr + k, sizeof v);                                          \
                     acc += u * v;                                                          \
                 }                                                                          \
-                float t = hsum(acc, W);                                                    \
+                float t = HSUM(acc);                                                       \
                 for (int k = KW; k < K; k++) t += x[k] * wr[k];                            \
                 put(C + (size_t)m * ldc + n, t, alpha, beta);                              \
             }                                                                              \
@@ -268,10 +285,10 @@ typedef void (*cols_fn)(int, int, int, int, float, const float *, int, const flo
 
 typedef void (*row_fn)(int, int, float, const float *, const float *, int, float, float *);
 
-SMALLM_COLS(cols_generic, , v8, 8)
+SMALLM_COLS(cols_generic, , v8, 8, hsum8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8)
-SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
+SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8, hsum8)
+SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16, hsum16)
 #endif
 ROW_TIMES(row_generic, , v8, 8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
