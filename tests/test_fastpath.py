@@ -161,12 +161,22 @@ CHILD = textwrap.dedent(r'''
             lin.weight = mx.array(W)
             if twins.attach(lin, {"weight": (q, sc, bi)}) != 1:
                 terrs.append(["attach", bits])
-            for M in (1, 2, 4, 5, 12):
+            alone = None
+            for M in (1, 2, 4, 5, 8, 9, 12):
                 xm = rng.standard_normal((M, K)).astype(np.float32)
-                got = np.array(lin(mx.array(xm))).astype(np.float64)
+                if alone is not None:  # the first rows again: the same bits in any batch
+                    xm[:2] = alone[0]
+                got32 = np.array(lin(mx.array(xm)))
+                got = got32.astype(np.float64)
                 err = float(np.abs(got - xm.astype(np.float64) @ W.T.astype(np.float64)).max())
                 if not err < 1e-4:
                     terrs.append([bits, M, err])
+                if alone is None:
+                    x2 = rng.standard_normal((2, K)).astype(np.float32)
+                    alone = (x2, np.concatenate([np.array(lin(mx.array(x2[i:i + 1])))
+                                                 for i in range(2)]))
+                elif not np.array_equal(got32[:2].view(np.uint32), alone[1].view(np.uint32)):
+                    terrs.append(["rows differ from the same rows alone", bits, M])
         # A twin is skipped once its matrix no longer holds the registered values.
         N, K = 8, 32
         q = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)

@@ -436,35 +436,40 @@ TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __
 }
 
 /* Rows n .. n+NR-1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]).
- * Rows past the matrix's end repeat its last row (their sums are not stored). */
+ * Rows past the matrix's end repeat its last row (their sums are not stored). Each sum
+ * has one accumulator, taking each group's two halves in turn, then its 16 lanes are
+ * added pairwise: the same order whatever NR and MC, so a row's sums do not depend on
+ * the rows batched with it. Each input vector is loaded once for the NR weight rows (the
+ * empty asm keeps it in a register; GCC would otherwise fold a load into every FMA, and
+ * loads, not FMAs, then bound the kernel). */
 #define TWIN_ROWS(NAME, NR, MC)                                                             \
     TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
                                  float s[NR][MC]) {                                        \
         const int G = t->K / TWIN_GROUP;                                                   \
         int rows[NR];                                                                      \
         for (int r = 0; r < NR; r++) rows[r] = n + r < t->N ? n + r : t->N - 1;            \
-        __m512 a[NR][MC][2];                                                               \
+        __m512 a[NR][MC];                                                                  \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++) a[r][m][0] = a[r][m][1] = _mm512_setzero_ps();    \
+            for (int m = 0; m < MC; m++) a[r][m] = _mm512_setzero_ps();                    \
         for (int g = 0; g < G; g++) {                                                      \
             __m512 w[NR][2];                                                               \
             for (int r = 0; r < NR; r++) twin_group(t, rows[r], g, &w[r][0], &w[r][1]);    \
             for (int m = 0; m < MC; m++) {                                                 \
                 __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                \
                 __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                           \
+                __asm__("" : "+v"(x0), "+v"(x1));                                          \
                 for (int r = 0; r < NR; r++) {                                             \
-                    a[r][m][0] = _mm512_fmadd_ps(w[r][0], x0, a[r][m][0]);                 \
-                    a[r][m][1] = _mm512_fmadd_ps(w[r][1], x1, a[r][m][1]);                 \
+                    a[r][m] = _mm512_fmadd_ps(w[r][0], x0, a[r][m]);                       \
+                    a[r][m] = _mm512_fmadd_ps(w[r][1], x1, a[r][m]);                       \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++)                                                   \
-                s[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][m][0], a[r][m][1]));     \
+            for (int m = 0; m < MC; m++) s[r][m] = _mm512_reduce_add_ps(a[r][m]);          \
     }
 TWIN_ROWS(twin_rows2x1, 2, 1)
 TWIN_ROWS(twin_rows2x4, 2, 4)
-TWIN_ROWS(twin_rows1x8, 1, 8)
+TWIN_ROWS(twin_rows2x8, 2, 8)
 
 /* A copy of the M input rows with each group of 32 reordered even elements first, then
  * odd ones (the order twin_group rebuilds 4-bit weights in); NULL when out of memory. */
@@ -483,35 +488,40 @@ static float *twin_permute(int M, int K, const float *A, int lda) {
     return xp;
 }
 
-/* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W. */
+/* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W: blocks
+ * of four weight rows, read from memory once for all input rows, two rebuilt per pass
+ * (measured: four per pass made one-row products slower in the model). */
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
                       const float *A, int lda, float beta, float *C, int ldc) {
-#define TWIN_STORE(NR, MC, S)                                                               \
-    for (int r = 0; r < NR && n + r < n1; r++)                                              \
-        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + n + r, S[r][i], alpha, beta);
+#define TWIN_STORE(N0, NR, MC, S)                                                           \
+    for (int r = 0; r < NR && N0 + r < n1; r++)                                             \
+        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + N0 + r, S[r][i], alpha, beta);
     const float *x[8];
-    for (int n = n0; n < n1; n += 2) {
+    for (int n = n0; n < n1; n += 4) {
         int m = 0;
-        for (; m + 8 <= M; m += 8) { /* eight input rows share each rebuilt weight row */
+        for (; m + 8 <= M; m += 8) {
             for (int i = 0; i < 8; i++) x[i] = A + (size_t)(m + i) * lda;
-            for (int r = 0; r < 2 && n + r < n1; r++) {
-                float s[1][8];
-                twin_rows1x8(t, n + r, x, s);
-                for (int i = 0; i < 8; i++)
-                    put(C + (size_t)(m + i) * ldc + n + r, s[0][i], alpha, beta);
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][8];
+                twin_rows2x8(t, h, x, s);
+                TWIN_STORE(h, 2, 8, s)
             }
         }
         for (; m + 4 <= M; m += 4) {
             for (int i = 0; i < 4; i++) x[i] = A + (size_t)(m + i) * lda;
-            float s[2][4];
-            twin_rows2x4(t, n, x, s);
-            TWIN_STORE(2, 4, s)
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][4];
+                twin_rows2x4(t, h, x, s);
+                TWIN_STORE(h, 2, 4, s)
+            }
         }
         for (; m < M; m++) {
             x[0] = A + (size_t)m * lda;
-            float s[2][1];
-            twin_rows2x1(t, n, x, s);
-            TWIN_STORE(2, 1, s)
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][1];
+                twin_rows2x1(t, h, x, s);
+                TWIN_STORE(h, 2, 1, s)
+            }
         }
     }
 #undef TWIN_STORE
