@@ -406,6 +406,59 @@ def test_native_jit_kernels_bit_identical(tmp_path):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
 
 
+POPEN_CHILD = textwrap.dedent(r"""
+    import ctypes, json, sys
+    libc = ctypes.CDLL(None)  # popen resolves to the preloaded shim's first
+    libc.popen.restype = ctypes.c_void_p
+    libc.popen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fgets.restype = ctypes.c_char_p
+    libc.fgets.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+    libc.pclose.argtypes = [ctypes.c_void_p]
+    out = {}
+    for cmd in sys.argv[1:]:
+        f = libc.popen(cmd.encode(), b"r")
+        buf = ctypes.create_string_buffer(4096)
+        line = libc.fgets(buf, 4096, f)
+        libc.pclose(f)
+        out[cmd] = (line or b"").decode().strip()
+    print(json.dumps(out))
+""")
+
+
+def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
+    """The shim inserts its flags right after MLX's exact compile prefix; any other command
+    (another prefix, other flags) reaches the shell unchanged."""
+    fast = _fast_env() if sys.platform.startswith("linux") else None
+    if fast is None:
+        pytest.skip("the sgemv shim is not available")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "g++").write_text('#!/bin/sh\necho "g++ $*"\n')
+    (fake / "g++").chmod(0o755)
+    script = tmp_path / "popen.py"
+    script.write_text(POPEN_CHILD)
+    mlx_cmd = 'g++ -std=c++17 -O3 -Wall -fPIC -shared -I "inc" "k.cpp" -o "k.so" 2>&1'
+    other = ["g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp", "echo g++ -std=c++17 -O3 -Wall",
+             "g++ --version"]
+    env = {**{k: v for k, v in os.environ.items() if k != "MLX_STEER_SHIM_NATIVE"}, **fast,
+           "PATH": f"{fake}:{os.environ.get('PATH', '')}"}
+    runs = {}
+    for native in ("1", "0"):
+        p = subprocess.run([sys.executable, str(script), mlx_cmd, *other],
+                           env={**env, "MLX_STEER_SHIM_NATIVE": native}, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[native] = json.loads(p.stdout)
+    on, off = runs["1"], runs["0"]
+    assert on[mlx_cmd] == ('g++ -std=c++17 -O3 -Wall -fPIC -shared -march=native '
+                           '-ffp-contract=off -I inc k.cpp -o k.so')
+    assert off[mlx_cmd] == 'g++ -std=c++17 -O3 -Wall -fPIC -shared -I inc k.cpp -o k.so'
+    assert on["g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"] == \
+        "g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"
+    assert on["echo g++ -std=c++17 -O3 -Wall"] == "g++ -std=c++17 -O3 -Wall"
+    assert on["g++ --version"] == "g++ --version"
+
+
 # ---- the module itself, without subprocesses ---------------------------------------
 
 def test_off_on_macos(monkeypatch):
