@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -380,6 +381,8 @@ def test_native_jit_kernels_bit_identical(tmp_path):
         pytest.skip("the fast CPU path is Linux-only")
     if shutil.which("g++") is None:
         pytest.skip("no g++: MLX runs its compiled functions op by op")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the rewrite is x86-64 only")
     fast = _fast_env()
     if fast is None:
         pytest.skip("the sgemv shim is not available")
@@ -431,6 +434,8 @@ def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
     fast = _fast_env() if sys.platform.startswith("linux") else None
     if fast is None:
         pytest.skip("the sgemv shim is not available")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the rewrite is x86-64 only")
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "g++").write_text('#!/bin/sh\necho "g++ $*"\n')

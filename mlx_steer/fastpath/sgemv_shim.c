@@ -35,9 +35,9 @@
  *
  * MLX's compiled CPU kernels: MLX compiles a fused kernel (mx.compile, e.g. mlx-lm's
  * SwiGLU) at run time with `g++ -std=c++17 -O3 -Wall -fPIC -shared ...` through popen(),
- * without -march: exp stays scalar and every fma is a call into libm. popen() here adds
- * `-march=native -ffp-contract=off` to that command (only to a command starting with
- * exactly that prefix; every other command passes through unchanged). Contraction stays
+ * without -march: exp stays scalar and every fma is a call into libm. On x86-64, popen()
+ * here adds `-march=native -ffp-contract=off` to that command (only to a command starting
+ * with exactly that prefix; every other command passes through unchanged). Contraction stays
  * off, so each kernel does the same float operations, each correctly rounded, and its
  * results are bit-identical; only the instructions change (vectors, inline fma). MLX
  * caches each kernel under $TMPDIR/mlx/<version>/cpu by name: a kernel compiled before
@@ -89,7 +89,13 @@ static int nthreads = 1;
 static int spin = 1000; /* polls (x86 pause) before a pool thread sleeps */
 static int twin_split_rows = 2; /* rows from which twin products are split over threads */
 static int twin_isa; /* quantised twins usable (AVX-512) */
-static int native = 1; /* add -march=native to MLX's kernel compilations */
+/* add -march=native to MLX's kernel compilations: x86-64 only (g++ for POWER, say, has
+ * -mcpu=native instead and would reject the command, failing the compiled function) */
+#if defined(__x86_64__)
+static int native = 1;
+#else
+static int native = 0;
+#endif
 
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
@@ -146,7 +152,7 @@ __attribute__((constructor)) static void shim_init(void) {
     if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
     s = getenv("MLX_STEER_SHIM_NATIVE");
-    native = !(s && strcmp(s, "0") == 0);
+    if (s && strcmp(s, "0") == 0) native = 0;
 }
 
 /* Exported so a test can tell that the shim is loaded. */
