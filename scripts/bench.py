@@ -686,6 +686,16 @@ PRELOAD_CHILD = textwrap.dedent("""
 """)
 
 
+def own_tmp(name: str) -> str:
+    """A TMPDIR of its own for a child configuration, inside this run's: MLX caches its
+    compiled CPU kernels there by name, and only children with the shim compile them with
+    -march=native, so configurations must not share them."""
+    d = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / (
+        "cfg-" + "".join(c if c.isalnum() else "-" for c in name))
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
 def bench_preload(lab, args) -> None:
     from mlx_steer import fastpath
 
@@ -710,7 +720,7 @@ def bench_preload(lab, args) -> None:
     bres: dict[str, dict] = {k: {} for k in cfgs}
     for _ in range(args.preload_rounds):  # rounds interleave the configurations
         for name, (libs, extra, batched) in cfgs.items():
-            env = {**base_env, **extra}
+            env = {**base_env, **extra, "TMPDIR": own_tmp(name)}
             if libs:
                 env["LD_PRELOAD"] = ":".join(map(str, libs))
             p = subprocess.run([sys.executable, "-c", PRELOAD_CHILD, str(Path(__file__).parent),
@@ -895,7 +905,8 @@ def bench_blas(lab, args) -> None:
     tokens, described = {}, {}
     for _ in range(args.preload_rounds):
         for name, (libs, extra) in cfgs.items():
-            env = {**base_env, **extra, "LD_PRELOAD": ":".join(map(str, libs))}
+            env = {**base_env, **extra, "LD_PRELOAD": ":".join(map(str, libs)),
+                   "TMPDIR": own_tmp(name)}
             p = subprocess.run([sys.executable, "-c", BLAS_CHILD, str(Path(__file__).parent),
                                 args.model or "", str(args.runs)],
                                env=env, capture_output=True, text=True, timeout=3600)
