@@ -172,7 +172,6 @@ static void zero(float *y, int n, int inc) {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
-
 typedef float v4 __attribute__((vector_size(16)));
 
 /* Pairwise sum of the lanes of a vector: lane l plus lane l + W/2, then the same on the
@@ -197,7 +196,7 @@ static inline void put(float *c, float s, float alpha, float beta) {
  * Each block of 4 weight rows (B) is read from memory once and reused, from L1, for
  * every pair of input rows (A). VT is a vector of W floats; the body is instantiated
  * per instruction set below and chosen at load time. */
-#define SMALLM_COLS(NAME, ATTR, VT, W, HSUM)                                                      \
+#define SMALLM_COLS(NAME, ATTR, VT, W, HSUM)                                                \
     ATTR static void NAME(int M, int n0, int n1, int K, float alpha, const float *A,       \
                           int lda, const float *B, int ldb, float beta, float *C,          \
                           int ldc) {                                                       \
