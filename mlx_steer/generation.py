@@ -3,6 +3,7 @@ of different steering in one fixed-batch decode loop."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -167,6 +168,45 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def greedy_tokens(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Per row, `argmax(log_softmax(logits))` taken as `argmax(logits)`, and whether the
+    two are certain to be the same index (else use the log-softmax).
+
+    `log_softmax` subtracts one float32 `c` per row, and rounding `x - c` to float32 is
+    monotone in `x`: the largest logit stays largest, and stays the only largest unless
+    rounding merges it with the runner-up. That needs the gap `g` between them to be at
+    most the float32 spacing at `|x - c|`; both values lie within `g + D` of zero, with
+    `D = |c - max|` at most log(V) plus the rounding of `c` (V: the vocabulary), and the
+    spacing there is at most `(g + D) * 2**-23`. A row counts as certain when its max is
+    finite (no NaN or infinity), its logits are float32, and `g > (log(V) + 1 + |max|)
+    * 2**-20`, which is more than 8x that bound. Near-ties fall back to the full path.
+    """
+    y = mx.argmax(logits, axis=-1)
+    if logits.dtype != mx.float32:
+        return y, mx.zeros(y.shape, dtype=mx.bool_)
+    top = mx.max(logits, axis=-1)  # NaN when the row holds one
+    vocab = logits.shape[-1]
+    rest = mx.where(mx.arange(vocab) == y[..., None], -mx.inf, logits)
+    gap = top - mx.max(rest, axis=-1)
+    margin = (math.log(vocab) + 1.0 + mx.abs(top)) * 2.0 ** -20
+    return y, mx.isfinite(top) & (gap > margin)
+
+
+def next_tokens(logits: mx.array, samplers: Sequence[Callable[[mx.array], mx.array]],
+                greedy: bool = False) -> mx.array:
+    """Each row's next token, evaluated: its sampler on the row's log-probabilities, or,
+    when every row is `greedy` (temperature 0), `greedy_tokens` where that is certain."""
+    if greedy:
+        y, sure = greedy_tokens(logits)
+        mx.eval(y, sure)
+        if all(sure.tolist()):
+            return y
+    logprobs = log_softmax(logits)
+    y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(len(samplers))])
+    mx.eval(y)
+    return y
+
+
 @dataclass
 class RowResult:
     """One row of a batched generation."""
@@ -205,13 +245,13 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
     active = [True] * B
     first = None
     for step in range(max_tokens):
-        logprobs = log_softmax(logits)
-        y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(B)])
         if first is None:
+            logprobs = log_softmax(logits)
+            y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(B)])
             first = logprobs.astype(mx.float32)
             mx.eval(y, first)
         else:
-            mx.eval(y)
+            y = next_tokens(logits, samplers, greedy=temperature == 0)
         for i, t in enumerate(y.tolist()):
             if not active[i]:
                 continue

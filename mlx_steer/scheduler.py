@@ -262,10 +262,8 @@ class Scheduler:
     def _step(self) -> None:
         y = mx.array([[r.last] for r in self._rows])
         logits = self.model(y, cache=self._caches)[:, -1, :]
-        logprobs = generation.log_softmax(logits)
-        toks = mx.concatenate([r.sampler(logprobs[i:i + 1])
-                               for i, r in enumerate(self._rows)])
-        mx.eval(toks)
+        toks = generation.next_tokens(logits, [r.sampler for r in self._rows],
+                                      greedy=all(r.job.temperature == 0 for r in self._rows))
         self.counters["steps"] += 1
         keep = []
         for i, (row, t) in enumerate(zip(self._rows, toks.tolist())):

@@ -56,6 +56,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -685,6 +686,16 @@ PRELOAD_CHILD = textwrap.dedent("""
 """)
 
 
+def own_tmp(name: str) -> str:
+    """A TMPDIR of its own for a child configuration, inside this run's: MLX caches its
+    compiled CPU kernels there by name, and only children with the shim compile them with
+    -march=native, so configurations must not share them."""
+    d = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / (
+        "cfg-" + "".join(c if c.isalnum() else "-" for c in name))
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
 def bench_preload(lab, args) -> None:
     from mlx_steer import fastpath
 
@@ -709,7 +720,7 @@ def bench_preload(lab, args) -> None:
     bres: dict[str, dict] = {k: {} for k in cfgs}
     for _ in range(args.preload_rounds):  # rounds interleave the configurations
         for name, (libs, extra, batched) in cfgs.items():
-            env = {**base_env, **extra}
+            env = {**base_env, **extra, "TMPDIR": own_tmp(name)}
             if libs:
                 env["LD_PRELOAD"] = ":".join(map(str, libs))
             p = subprocess.run([sys.executable, "-c", PRELOAD_CHILD, str(Path(__file__).parent),
@@ -756,7 +767,7 @@ def bench_step(lab, args) -> None:
     toks = lab.encode(PROMPT, chat=True)
     n = 16
 
-    def steps(rows, loop=False):
+    def steps(rows, loop=False, greedy=True):
         samplers = [generation.make_sampler(0.0) for _ in rows]
 
         def f():
@@ -768,9 +779,7 @@ def bench_step(lab, args) -> None:
                 t, c = time.perf_counter(), cpu_seconds()
                 logits = lab.model(y[:, None], cache=caches)[:, -1, :]
                 if loop:  # what generation.batch does per step besides the forward
-                    lp = generation.log_softmax(logits)
-                    y = mx.concatenate([samplers[i](lp[i:i + 1]) for i in range(len(rows))])
-                    mx.eval(y)
+                    y = generation.next_tokens(logits, samplers, greedy)
                     y.tolist()
                 else:
                     y = mx.argmax(logits, -1)
@@ -786,9 +795,10 @@ def bench_step(lab, args) -> None:
     eight = ([[]] + [[s] for s in steers])[:8]
     cpu: dict[int, list] = {}
     fns = {"1": steps(one), "8": steps(eight), "8u": steps([[]] * 8),
-           "1l": steps(one, True), "8l": steps(eight, True)}
+           "1l": steps(one, True), "8l": steps(eight, True),
+           "8ls": steps(eight, True, greedy=False)}
     t = interleaved(fns, args.runs)
-    m1, m8, m8u, m1l, m8l = (med(t[k]) for k in ("1", "8", "8u", "1l", "8l"))
+    m1, m8, m8u, m1l, m8l, m8ls = (med(t[k]) for k in ("1", "8", "8u", "1l", "8l", "8ls"))
     c1, c8 = fns["1"].cpu(), fns["8"].cpu()
     row("step", "decode step, 8 rows (baseline + 7 steered layers) vs 1 steered row", m8,
         "ms", reference=m1, ref_label="1 row", ratio=m8 / m1, target="<= 1.5x",
@@ -798,9 +808,11 @@ def bench_step(lab, args) -> None:
     row("step", "rows*tok/s at 8 rows vs tok/s at 1 row (the same steps)", 8000 / m8,
         "rows*tok/s", reference=1000 / m1, ref_label="1 row", ratio=8 * m1 / m8,
         target=">= 5x", ok=8 * m1 / m8 >= 5, note=f"by CPU time {8 * c1 / c8:.2f}x")
-    row("step", "the same with the batch loop's per-step work (log-softmax, per-row "
-        "samplers, tokens to the host)", m8l, "ms", reference=m1l, ref_label="1 row",
-        ratio=m8l / m1l, note=f"forward alone: 8 rows {m8:.1f} ms, 1 row {m1:.1f} ms")
+    row("step", "the same with the batch loop's per-step work (the greedy tokens: "
+        "argmax where certain, else log-softmax and samplers; tokens to the host)", m8l,
+        "ms", reference=m1l, ref_label="1 row",
+        ratio=m8l / m1l, note=f"forward alone: 8 rows {m8:.1f} ms, 1 row {m1:.1f} ms; 8 rows "
+        f"through their samplers (no greedy shortcut) {m8ls:.1f} ms")
 
 
 def bench_kernel(lab, args) -> None:
@@ -893,7 +905,8 @@ def bench_blas(lab, args) -> None:
     tokens, described = {}, {}
     for _ in range(args.preload_rounds):
         for name, (libs, extra) in cfgs.items():
-            env = {**base_env, **extra, "LD_PRELOAD": ":".join(map(str, libs))}
+            env = {**base_env, **extra, "LD_PRELOAD": ":".join(map(str, libs)),
+                   "TMPDIR": own_tmp(name)}
             p = subprocess.run([sys.executable, "-c", BLAS_CHILD, str(Path(__file__).parent),
                                 args.model or "", str(args.runs)],
                                env=env, capture_output=True, text=True, timeout=3600)
@@ -1082,6 +1095,18 @@ def main(argv=None) -> int:
         only = tuple(x for x in needed if x not in only) + only
         only = tuple(x for x in only if x != "reference") + ("reference",)
 
+    # MLX compiles its fused CPU kernels at run time and caches them by name under
+    # $TMPDIR/mlx, whatever flags built them (the shim adds -march=native): a fresh folder
+    # per run, so that every run measures the kernels its own setting compiles.
+    jit_tmp = tempfile.mkdtemp(prefix="mlx-steer-bench-")
+    os.environ["TMPDIR"] = jit_tmp
+    try:
+        return _run(args, only)
+    finally:
+        shutil.rmtree(jit_tmp, ignore_errors=True)
+
+
+def _run(args, only) -> int:
     import mlx.core as mx
     from mlx_steer import fastpath
 
@@ -1090,6 +1115,7 @@ def main(argv=None) -> int:
     lab = load_lab(args.model)
     meta = {**machine(), "model": lab.name, "runs": args.runs, "mlx": mx.__version__,
             "fastpath": fastpath.describe(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "shim_native": os.environ.get("MLX_STEER_SHIM_NATIVE", "1") != "0",
             "load_seconds": time.perf_counter() - t, "load_before": load_before,
             "command": " ".join([Path(sys.executable).name] + sys.argv)}
     if "extraction" in only or "compare" in only or "sweeps" in only or "overhead" in only:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -160,12 +162,22 @@ CHILD = textwrap.dedent(r'''
             lin.weight = mx.array(W)
             if twins.attach(lin, {"weight": (q, sc, bi)}) != 1:
                 terrs.append(["attach", bits])
-            for M in (1, 2, 4, 5, 12):
+            alone = None
+            for M in (1, 2, 4, 5, 8, 9, 12):
                 xm = rng.standard_normal((M, K)).astype(np.float32)
-                got = np.array(lin(mx.array(xm))).astype(np.float64)
+                if alone is not None:  # the first rows again: the same bits in any batch
+                    xm[:2] = alone[0]
+                got32 = np.array(lin(mx.array(xm)))
+                got = got32.astype(np.float64)
                 err = float(np.abs(got - xm.astype(np.float64) @ W.T.astype(np.float64)).max())
                 if not err < 1e-4:
                     terrs.append([bits, M, err])
+                if alone is None:
+                    x2 = rng.standard_normal((2, K)).astype(np.float32)
+                    alone = (x2, np.concatenate([np.array(lin(mx.array(x2[i:i + 1])))
+                                                 for i in range(2)]))
+                elif not np.array_equal(got32[:2].view(np.uint32), alone[1].view(np.uint32)):
+                    terrs.append(["rows differ from the same rows alone", bits, M])
         # A twin is skipped once its matrix no longer holds the registered values.
         N, K = 8, 32
         q = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
@@ -332,6 +344,124 @@ def test_same_logprobs(runs, fast):
     for k in ("plain", "steered", "batch_first", "logits"):
         assert p[k].shape == f[k].shape, k
         np.testing.assert_allclose(f[k], p[k], atol=ATOL, rtol=0, err_msg=k)
+
+
+JIT_CHILD = textwrap.dedent(r"""
+    import sys
+    import numpy as np
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    @mx.compile
+    def swiglu(g, u):  # mlx-lm's compiled SwiGLU
+        return nn.silu(g) * u
+
+    @mx.compile
+    def mix(a, b):  # exp, tanh, log1p, division and a broadcast in one fused kernel
+        return nn.gelu_approx(a) + mx.log1p(mx.exp(-mx.abs(b))) / (1.0 + a * a) * b[0]
+
+    @mx.compile
+    def scaled(a, b):  # a strided input against a contiguous one
+        return mx.sigmoid(a.T) * b
+
+    rng = np.random.default_rng(3)
+    g, u = (mx.array(rng.standard_normal((8, 1536)).astype(np.float32) * 6) for _ in "gu")
+    out = {"swiglu": swiglu(g, u), "swiglu_1": swiglu(g[:1], u[:1]),
+           "swiglu_t": swiglu(g.T, u.T), "mix": mix(g, u),
+           "scaled": scaled(g[:, :8], u[:8, :8])}
+    np.savez(sys.argv[1], **{k: np.array(v) for k, v in out.items()})
+""")
+
+
+def test_native_jit_kernels_bit_identical(tmp_path):
+    """The shim compiles MLX's fused CPU kernels with -march=native (contraction off): each
+    kernel computes bit for bit what MLX's own build does. Each child gets a fresh TMPDIR,
+    since MLX reuses kernels cached there by name whatever flags built them."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the fast CPU path is Linux-only")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++: MLX runs its compiled functions op by op")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the rewrite is x86-64 only")
+    fast = _fast_env()
+    if fast is None:
+        pytest.skip("the sgemv shim is not available")
+    script = tmp_path / "jit.py"
+    script.write_text(JIT_CHILD)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("LD_PRELOAD", "MLX_STEER_SHIM_STATS", "MLX_STEER_SHIM_NATIVE")}
+    out, kernels = {}, {}
+    for name, extra in (("plain", {}), ("native", {**fast, "MLX_STEER_SHIM_STATS": "1"})):
+        tmp = tmp_path / f"tmp_{name}"
+        tmp.mkdir()
+        p = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")],
+                           env={**base_env, **extra, "TMPDIR": str(tmp)},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{name} child failed:\n{p.stderr[-3000:]}"
+        out[name] = dict(np.load(tmp_path / f"{name}.npz"))
+        kernels[name] = sorted(f.name for f in tmp.glob("mlx/*/cpu/*.so"))
+    assert kernels["plain"] and kernels["native"] == kernels["plain"]  # JIT took place
+    m = re.search(r"(\d+) MLX kernel compilations given -march=native", p.stderr)
+    assert m and int(m.group(1)) == len(kernels["native"]), p.stderr[-2000:]  # all of them
+    for k, want in out["plain"].items():
+        got = out["native"][k]
+        assert got.dtype == want.dtype and got.shape == want.shape, k
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
+
+
+POPEN_CHILD = textwrap.dedent(r"""
+    import ctypes, json, sys
+    libc = ctypes.CDLL(None)  # popen resolves to the preloaded shim's first
+    libc.popen.restype = ctypes.c_void_p
+    libc.popen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fgets.restype = ctypes.c_char_p
+    libc.fgets.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+    libc.pclose.argtypes = [ctypes.c_void_p]
+    out = {}
+    for cmd in sys.argv[1:]:
+        f = libc.popen(cmd.encode(), b"r")
+        buf = ctypes.create_string_buffer(4096)
+        line = libc.fgets(buf, 4096, f)
+        libc.pclose(f)
+        out[cmd] = (line or b"").decode().strip()
+    print(json.dumps(out))
+""")
+
+
+def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
+    """The shim inserts its flags right after MLX's exact compile prefix; any other command
+    (another prefix, other flags) reaches the shell unchanged."""
+    fast = _fast_env() if sys.platform.startswith("linux") else None
+    if fast is None:
+        pytest.skip("the sgemv shim is not available")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the rewrite is x86-64 only")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "g++").write_text('#!/bin/sh\necho "g++ $*"\n')
+    (fake / "g++").chmod(0o755)
+    script = tmp_path / "popen.py"
+    script.write_text(POPEN_CHILD)
+    mlx_cmd = 'g++ -std=c++17 -O3 -Wall -fPIC -shared -I "inc" "k.cpp" -o "k.so" 2>&1'
+    other = ["g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp", "echo g++ -std=c++17 -O3 -Wall",
+             "g++ --version"]
+    env = {**{k: v for k, v in os.environ.items() if k != "MLX_STEER_SHIM_NATIVE"}, **fast,
+           "PATH": f"{fake}:{os.environ.get('PATH', '')}"}
+    runs = {}
+    for native in ("1", "0"):
+        p = subprocess.run([sys.executable, str(script), mlx_cmd, *other],
+                           env={**env, "MLX_STEER_SHIM_NATIVE": native}, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[native] = json.loads(p.stdout)
+    on, off = runs["1"], runs["0"]
+    assert on[mlx_cmd] == ('g++ -std=c++17 -O3 -Wall -fPIC -shared -march=native '
+                           '-ffp-contract=off -I inc k.cpp -o k.so')
+    assert off[mlx_cmd] == 'g++ -std=c++17 -O3 -Wall -fPIC -shared -I inc k.cpp -o k.so'
+    assert on["g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"] == \
+        "g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"
+    assert on["echo g++ -std=c++17 -O3 -Wall"] == "g++ -std=c++17 -O3 -Wall"
+    assert on["g++ --version"] == "g++ --version"
 
 
 # ---- the module itself, without subprocesses ---------------------------------------

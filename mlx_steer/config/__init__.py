@@ -57,6 +57,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "rows from which the shim splits quantised-twin products over threads", "shim"),
     Setting("MLX_STEER_SHIM_SPIN", "1000",
             "polls of an idle shim thread before it sleeps (0: never)", "shim"),
+    Setting("MLX_STEER_SHIM_NATIVE", "1",
+            "the shim adds -march=native to MLX's run-time kernel compilations", "shim"),
     Setting("MLX_STEER_FAULT_KILLS", "4", "processes the fault-injection tests kill", "tests"),
     Setting("MLX_STEER_FAULT_SECONDS", "1.5", "seconds each fault-injection run lasts",
             "tests"),

@@ -33,6 +33,16 @@
  * and only the order of the sums changes. A twin is used only while the first and last
  * elements of W still hold the values seen at registration (AVX-512 machines only).
  *
+ * MLX's compiled CPU kernels: MLX compiles a fused kernel (mx.compile, e.g. mlx-lm's
+ * SwiGLU) at run time with `g++ -std=c++17 -O3 -Wall -fPIC -shared ...` through popen(),
+ * without -march: exp stays scalar and every fma is a call into libm. On x86-64, popen()
+ * here adds `-march=native -ffp-contract=off` to that command (only to a command starting
+ * with exactly that prefix; every other command passes through unchanged). Contraction stays
+ * off, so each kernel does the same float operations, each correctly rounded, and its
+ * results are bit-identical; only the instructions change (vectors, inline fma). MLX
+ * caches each kernel under $TMPDIR/mlx/<version>/cpu by name: a kernel compiled before
+ * (without the shim) is reused as it is; delete that folder to recompile.
+ *
  * Results: the same sums in another order, so outputs may differ in the last bits of
  * float32 (tests require identical greedy tokens and log-probabilities within 1e-3).
  *
@@ -41,13 +51,15 @@
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
  * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
  * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
- * times an idle pool thread polls for work before it sleeps (default 1000, 0: never).
+ * times an idle pool thread polls for work before it sleeps (default 1000, 0: never);
+ * MLX_STEER_SHIM_NATIVE=0 leaves MLX's kernel compilations as they are.
  *
  * Build (mlx_steer.fastpath.build does it):
  *     cc -O3 -shared -fPIC -o libmlxsteer_sgemv.so sgemv_shim.c -ldl -lpthread
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,7 +81,7 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 static sgemm_fn real_sgemm;
 static void (*pypi_set_threads)(int); /* pending: PyPI OpenBLAS to 1 thread on first call */
 static sgemv_fn real_sgemv;
-static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row;
+static unsigned long n_gemv, n_gemm, n_small, n_twin, n_row, n_native;
 static void pick_kernel(void);
 static int stats;
 static int smallm = 1;  /* few-row kernel on */
@@ -77,12 +89,20 @@ static int nthreads = 1;
 static int spin = 1000; /* polls (x86 pause) before a pool thread sleeps */
 static int twin_split_rows = 2; /* rows from which twin products are split over threads */
 static int twin_isa; /* quantised twins usable (AVX-512) */
+/* add -march=native to MLX's kernel compilations: x86-64 only (g++ for POWER, say, has
+ * -mcpu=native instead and would reject the command, failing the compiled function) */
+#if defined(__x86_64__)
+static int native = 1;
+#else
+static int native = 0;
+#endif
 
 static void report(void) {
     fprintf(stderr, "mlx-steer sgemv shim: %lu one-row products sent to sgemv, "
                     "%lu few-row products to the small kernel, %lu to quantised twins, "
-                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel\n",
-            n_gemv, n_small, n_twin, n_gemm, n_row);
+                    "%lu passed to sgemm, %lu small one-row products to the one-row kernel, "
+                    "%lu MLX kernel compilations given -march=native\n",
+            n_gemv, n_small, n_twin, n_gemm, n_row, n_native);
 }
 
 static int env_int(const char *name, int dflt) {
@@ -131,6 +151,8 @@ __attribute__((constructor)) static void shim_init(void) {
     s = getenv("MLX_STEER_SHIM_SPIN");
     if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
+    s = getenv("MLX_STEER_SHIM_NATIVE");
+    if (s && strcmp(s, "0") == 0) native = 0;
 }
 
 /* Exported so a test can tell that the shim is loaded. */
@@ -150,16 +172,21 @@ static void zero(float *y, int n, int inc) {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v4 __attribute__((vector_size(16)));
 
-/* Pairwise sum of the W lanes of a vector. */
-#define hsum(v, W)                                                                          \
+/* Pairwise sum of the lanes of a vector: lane l plus lane l + W/2, then the same on the
+ * W/2 sums, down to one (the order _mm512_reduce_add_ps sums in). In registers, halves
+ * added as vectors: summing the lanes through memory stalled the one-row products. */
+#define HALVES(H, v)                                                                        \
     ({                                                                                      \
-        float t_[W];                                                                        \
-        memcpy(t_, &(v), sizeof t_);                                                        \
-        for (int h_ = (W) / 2; h_ >= 1; h_ /= 2)                                            \
-            for (int l_ = 0; l_ < h_; l_++) t_[l_] += t_[l_ + h_];                          \
-        t_[0];                                                                              \
+        H lo_, hi_;                                                                         \
+        memcpy(&lo_, &(v), sizeof lo_);                                                     \
+        memcpy(&hi_, (const char *)&(v) + sizeof lo_, sizeof hi_);                          \
+        lo_ + hi_;                                                                          \
     })
+#define hsum4(v) (((v)[0] + (v)[2]) + ((v)[1] + (v)[3]))
+#define hsum8(v) ({ v4 q_ = HALVES(v4, v); hsum4(q_); })
+#define hsum16(v) ({ v8 o_ = HALVES(v8, v); hsum8(o_); })
 
 static inline void put(float *c, float s, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * s : alpha * s + beta * *c;
@@ -169,7 +196,7 @@ static inline void put(float *c, float s, float alpha, float beta) {
  * Each block of 4 weight rows (B) is read from memory once and reused, from L1, for
  * every pair of input rows (A). VT is a vector of W floats; the body is instantiated
  * per instruction set below and chosen at load time. */
-#define SMALLM_COLS(NAME, ATTR, VT, W)                                                      \
+#define SMALLM_COLS(NAME, ATTR, VT, W, HSUM)                                                \
     ATTR static void NAME(int M, int n0, int n1, int K, float alpha, const float *A,       \
                           int lda, const float *B, int ldb, float beta, float *C,          \
                           int ldc) {                                                       \
@@ -182,21 +209,32 @@ static inline void put(float *c, float s, float alpha, float beta) {
                 const int two = m + 1 < M;                                                 \
                 const float *x0 = A + (size_t)m * lda, *x1 = two ? x0 + lda : x0;          \
                 VT a0[4] = {{0}}, a1[4] = {{0}};                                           \
-                for (int k = 0; k < KW; k += W) {                                          \
-                    VT x, y, b;                                                            \
-                    memcpy(&x, x0 + k, sizeof x);                                          \
-                    memcpy(&y, x1 + k, sizeof y);                                          \
-                    for (int j = 0; j < 4; j++) {                                          \
-                        memcpy(&b, w[j] + k, sizeof b);                                    \
-                        a0[j] += x * b;                                                    \
-                        a1[j] += y * b;                                                    \
+                if (two) {                                                                 \
+                    for (int k = 0; k < KW; k += W) {                                      \
+                        VT x, y, b;                                                        \
+                        memcpy(&x, x0 + k, sizeof x);                                      \
+                        memcpy(&y, x1 + k, sizeof y);                                      \
+                        for (int j = 0; j < 4; j++) {                                      \
+                            memcpy(&b, w[j] + k, sizeof b);                                \
+                            a0[j] += x * b;                                                \
+                            a1[j] += y * b;                                                \
+                        }                                                                  \
+                    }                                                                      \
+                } else { /* a last, odd row (one-row products): the same sums, once */     \
+                    for (int k = 0; k < KW; k += W) {                                      \
+                        VT x, b;                                                           \
+                        memcpy(&x, x0 + k, sizeof x);                                      \
+                        for (int j = 0; j < 4; j++) {                                      \
+                            memcpy(&b, w[j] + k, sizeof b);                                \
+                            a0[j] += x * b;                                                \
+                        }                                                                  \
                     }                                                                      \
                 }                                                                          \
                 for (int j = 0; j < 4; j++) {                                              \
-                    float s0 = hsum(a0[j], W), s1 = hsum(a1[j], W);                        \
+                    float s0 = HSUM(a0[j]), s1 = two ? HSUM(a1[j]) : 0.0f;                 \
                     for (int k = KW; k < K; k++) {                                         \
                         s0 += x0[k] * w[j][k];                                             \
-                        s1 += x1[k] * w[j][k];                                             \
+                        if (two) s1 += x1[k] * w[j][k];                                    \
                     }                                                                      \
                     put(C + (size_t)m * ldc + n + j, s0, alpha, beta);                     \
                     if (two) put(C + (size_t)(m + 1) * ldc + n + j, s1, alpha, beta);      \
@@ -213,7 +251,7 @@ static inline void put(float *c, float s, float alpha, float beta) {
                     memcpy(&v, wr + k, sizeof v);                                          \
                     acc += u * v;                                                          \
                 }                                                                          \
-                float t = hsum(acc, W);                                                    \
+                float t = HSUM(acc);                                                       \
                 for (int k = KW; k < K; k++) t += x[k] * wr[k];                            \
                 put(C + (size_t)m * ldc + n, t, alpha, beta);                              \
             }                                                                              \
@@ -252,10 +290,10 @@ typedef void (*cols_fn)(int, int, int, int, float, const float *, int, const flo
 
 typedef void (*row_fn)(int, int, float, const float *, const float *, int, float, float *);
 
-SMALLM_COLS(cols_generic, , v8, 8)
+SMALLM_COLS(cols_generic, , v8, 8, hsum8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8)
-SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
+SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8, hsum8)
+SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16, hsum16)
 #endif
 ROW_TIMES(row_generic, , v8, 8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -403,35 +441,40 @@ TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __
 }
 
 /* Rows n .. n+NR-1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]).
- * Rows past the matrix's end repeat its last row (their sums are not stored). */
+ * Rows past the matrix's end repeat its last row (their sums are not stored). Each sum
+ * has one accumulator, taking each group's two halves in turn, then its 16 lanes are
+ * added pairwise: the same order whatever NR and MC, so a row's sums do not depend on
+ * the rows batched with it. Each input vector is loaded once for the NR weight rows (the
+ * empty asm keeps it in a register; GCC would otherwise fold a load into every FMA, and
+ * loads, not FMAs, then bound the kernel). */
 #define TWIN_ROWS(NAME, NR, MC)                                                             \
     TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
                                  float s[NR][MC]) {                                        \
         const int G = t->K / TWIN_GROUP;                                                   \
         int rows[NR];                                                                      \
         for (int r = 0; r < NR; r++) rows[r] = n + r < t->N ? n + r : t->N - 1;            \
-        __m512 a[NR][MC][2];                                                               \
+        __m512 a[NR][MC];                                                                  \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++) a[r][m][0] = a[r][m][1] = _mm512_setzero_ps();    \
+            for (int m = 0; m < MC; m++) a[r][m] = _mm512_setzero_ps();                    \
         for (int g = 0; g < G; g++) {                                                      \
             __m512 w[NR][2];                                                               \
             for (int r = 0; r < NR; r++) twin_group(t, rows[r], g, &w[r][0], &w[r][1]);    \
             for (int m = 0; m < MC; m++) {                                                 \
                 __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                \
                 __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                           \
+                __asm__("" : "+v"(x0), "+v"(x1));                                          \
                 for (int r = 0; r < NR; r++) {                                             \
-                    a[r][m][0] = _mm512_fmadd_ps(w[r][0], x0, a[r][m][0]);                 \
-                    a[r][m][1] = _mm512_fmadd_ps(w[r][1], x1, a[r][m][1]);                 \
+                    a[r][m] = _mm512_fmadd_ps(w[r][0], x0, a[r][m]);                       \
+                    a[r][m] = _mm512_fmadd_ps(w[r][1], x1, a[r][m]);                       \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++)                                                   \
-                s[r][m] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][m][0], a[r][m][1]));     \
+            for (int m = 0; m < MC; m++) s[r][m] = _mm512_reduce_add_ps(a[r][m]);          \
     }
 TWIN_ROWS(twin_rows2x1, 2, 1)
 TWIN_ROWS(twin_rows2x4, 2, 4)
-TWIN_ROWS(twin_rows1x8, 1, 8)
+TWIN_ROWS(twin_rows2x8, 2, 8)
 
 /* A copy of the M input rows with each group of 32 reordered even elements first, then
  * odd ones (the order twin_group rebuilds 4-bit weights in); NULL when out of memory. */
@@ -450,35 +493,40 @@ static float *twin_permute(int M, int K, const float *A, int lda) {
     return xp;
 }
 
-/* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W. */
+/* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W: blocks
+ * of four weight rows, read from memory once for all input rows, two rebuilt per pass
+ * (measured: four per pass made one-row products slower in the model). */
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
                       const float *A, int lda, float beta, float *C, int ldc) {
-#define TWIN_STORE(NR, MC, S)                                                               \
-    for (int r = 0; r < NR && n + r < n1; r++)                                              \
-        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + n + r, S[r][i], alpha, beta);
+#define TWIN_STORE(N0, NR, MC, S)                                                           \
+    for (int r = 0; r < NR && N0 + r < n1; r++)                                             \
+        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + N0 + r, S[r][i], alpha, beta);
     const float *x[8];
-    for (int n = n0; n < n1; n += 2) {
+    for (int n = n0; n < n1; n += 4) {
         int m = 0;
-        for (; m + 8 <= M; m += 8) { /* eight input rows share each rebuilt weight row */
+        for (; m + 8 <= M; m += 8) {
             for (int i = 0; i < 8; i++) x[i] = A + (size_t)(m + i) * lda;
-            for (int r = 0; r < 2 && n + r < n1; r++) {
-                float s[1][8];
-                twin_rows1x8(t, n + r, x, s);
-                for (int i = 0; i < 8; i++)
-                    put(C + (size_t)(m + i) * ldc + n + r, s[0][i], alpha, beta);
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][8];
+                twin_rows2x8(t, h, x, s);
+                TWIN_STORE(h, 2, 8, s)
             }
         }
         for (; m + 4 <= M; m += 4) {
             for (int i = 0; i < 4; i++) x[i] = A + (size_t)(m + i) * lda;
-            float s[2][4];
-            twin_rows2x4(t, n, x, s);
-            TWIN_STORE(2, 4, s)
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][4];
+                twin_rows2x4(t, h, x, s);
+                TWIN_STORE(h, 2, 4, s)
+            }
         }
         for (; m < M; m++) {
             x[0] = A + (size_t)m * lda;
-            float s[2][1];
-            twin_rows2x1(t, n, x, s);
-            TWIN_STORE(2, 1, s)
+            for (int h = n; h < n + 4 && h < n1; h += 2) {
+                float s[2][1];
+                twin_rows2x1(t, h, x, s);
+                TWIN_STORE(h, 2, 1, s)
+            }
         }
     }
 #undef TWIN_STORE
@@ -694,4 +742,39 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
     }
     if (stats) __atomic_fetch_add(&n_gemm, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* ---- MLX's compiled CPU kernels -------------------------------------------------------- */
+/* The command MLX 0.32 compiles each fused CPU kernel with (mlx/backend/cpu/compiled.cpp),
+ * up to its include flags and file names. Nothing else starts with it. */
+static const char MLX_JIT_PREFIX[] = "g++ -std=c++17 -O3 -Wall -fPIC -shared ";
+/* -march=native: vector exp, inline fma. -ffp-contract=off, explicit: no a * b + c is
+ * fused into one rounding, so every kernel computes what it computed without -march. */
+static const char MLX_JIT_FLAGS[] = "-march=native -ffp-contract=off ";
+
+typedef FILE *(*popen_fn)(const char *, const char *);
+
+FILE *popen(const char *command, const char *type) {
+    static popen_fn real_popen;
+    popen_fn real = __atomic_load_n(&real_popen, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (popen_fn)dlsym(RTLD_NEXT, "popen");
+        if (!real) return NULL;
+        __atomic_store_n(&real_popen, real, __ATOMIC_RELEASE);
+    }
+    const size_t np = sizeof MLX_JIT_PREFIX - 1, nf = sizeof MLX_JIT_FLAGS - 1;
+    if (!native || !command || strncmp(command, MLX_JIT_PREFIX, np) != 0)
+        return real(command, type);
+    size_t n = strlen(command);
+    char *cmd = malloc(n + nf + 1);
+    if (!cmd) return real(command, type);
+    memcpy(cmd, command, np);
+    memcpy(cmd + np, MLX_JIT_FLAGS, nf);
+    memcpy(cmd + np + nf, command + np, n - np + 1);
+    FILE *f = real(cmd, type);
+    int e = errno;
+    free(cmd);
+    errno = e;
+    if (f && stats) __atomic_fetch_add(&n_native, 1, __ATOMIC_RELAXED);
+    return f;
 }
