@@ -201,10 +201,15 @@ def next_tokens(logits: mx.array, samplers: Sequence[Callable[[mx.array], mx.arr
         mx.eval(y, sure)
         if all(sure.tolist()):
             return y
-    logprobs = log_softmax(logits)
-    y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(len(samplers))])
+    y = sample_rows(log_softmax(logits), samplers)
     mx.eval(y)
     return y
+
+
+def sample_rows(logprobs: mx.array, samplers: Sequence[Callable[[mx.array], mx.array]]
+                ) -> mx.array:
+    """Each row's token from its own sampler (not evaluated)."""
+    return mx.concatenate([s(logprobs[i:i + 1]) for i, s in enumerate(samplers)])
 
 
 @dataclass
@@ -247,7 +252,7 @@ def batch(model: nn.Module, tokenizer, toks: Sequence[list[int]],
     for step in range(max_tokens):
         if first is None:
             logprobs = log_softmax(logits)
-            y = mx.concatenate([samplers[i](logprobs[i:i + 1]) for i in range(B)])
+            y = sample_rows(logprobs, samplers)
             first = logprobs.astype(mx.float32)
             mx.eval(y, first)
         else:

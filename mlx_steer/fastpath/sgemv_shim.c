@@ -498,38 +498,24 @@ static float *twin_permute(int M, int K, const float *A, int lda) {
  * (measured: four per pass made one-row products slower in the model). */
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
                       const float *A, int lda, float beta, float *C, int ldc) {
-#define TWIN_STORE(N0, NR, MC, S)                                                           \
-    for (int r = 0; r < NR && N0 + r < n1; r++)                                             \
-        for (int i = 0; i < MC; i++) put(C + (size_t)(m + i) * ldc + N0 + r, S[r][i], alpha, beta);
+/* MC input rows from row m against weight rows [n, n+4) (two per pass), stored. */
+#define TWIN_PASS(MC, FN)                                                                   \
+    for (int i = 0; i < MC; i++) x[i] = A + (size_t)(m + i) * lda;                          \
+    for (int h = n; h < n + 4 && h < n1; h += 2) {                                          \
+        float s[2][MC];                                                                     \
+        FN(t, h, x, s);                                                                     \
+        for (int r = 0; r < 2 && h + r < n1; r++)                                           \
+            for (int i = 0; i < MC; i++)                                                    \
+                put(C + (size_t)(m + i) * ldc + h + r, s[r][i], alpha, beta);               \
+    }
     const float *x[8];
     for (int n = n0; n < n1; n += 4) {
         int m = 0;
-        for (; m + 8 <= M; m += 8) {
-            for (int i = 0; i < 8; i++) x[i] = A + (size_t)(m + i) * lda;
-            for (int h = n; h < n + 4 && h < n1; h += 2) {
-                float s[2][8];
-                twin_rows2x8(t, h, x, s);
-                TWIN_STORE(h, 2, 8, s)
-            }
-        }
-        for (; m + 4 <= M; m += 4) {
-            for (int i = 0; i < 4; i++) x[i] = A + (size_t)(m + i) * lda;
-            for (int h = n; h < n + 4 && h < n1; h += 2) {
-                float s[2][4];
-                twin_rows2x4(t, h, x, s);
-                TWIN_STORE(h, 2, 4, s)
-            }
-        }
-        for (; m < M; m++) {
-            x[0] = A + (size_t)m * lda;
-            for (int h = n; h < n + 4 && h < n1; h += 2) {
-                float s[2][1];
-                twin_rows2x1(t, h, x, s);
-                TWIN_STORE(h, 2, 1, s)
-            }
-        }
+        for (; m + 8 <= M; m += 8) { TWIN_PASS(8, twin_rows2x8) }
+        for (; m + 4 <= M; m += 4) { TWIN_PASS(4, twin_rows2x4) }
+        for (; m < M; m++) { TWIN_PASS(1, twin_rows2x1) }
     }
-#undef TWIN_STORE
+#undef TWIN_PASS
 }
 #else
 static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
