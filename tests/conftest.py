@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 import sys
 from pathlib import Path
@@ -8,8 +10,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 # One concept cache for the run, so built-ins are extracted once; tests that need
-# an empty library point MLX_STEER_HOME elsewhere themselves.
-os.environ.setdefault("MLX_STEER_HOME", tempfile.mkdtemp(prefix="mlx-steer-tests-"))
+# an empty library point MLX_STEER_HOME elsewhere themselves. Removed at exit: it holds
+# the expanded model (~0.6 GB), which each run would otherwise leave behind.
+if "MLX_STEER_HOME" not in os.environ:
+    os.environ["MLX_STEER_HOME"] = tempfile.mkdtemp(prefix="mlx-steer-tests-")
+    atexit.register(shutil.rmtree, os.environ["MLX_STEER_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

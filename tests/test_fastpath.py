@@ -364,11 +364,27 @@ JIT_CHILD = textwrap.dedent(r"""
     def scaled(a, b):  # a strided input against a contiguous one
         return mx.sigmoid(a.T) * b
 
+    @mx.compile
+    def term(h, sel, delta):  # a steering term: h + sel * delta, cast to the stream's dtype
+        return h + sel[..., None].astype(h.dtype) * delta.astype(h.dtype)
+
     rng = np.random.default_rng(3)
     g, u = (mx.array(rng.standard_normal((8, 1536)).astype(np.float32) * 6) for _ in "gu")
+    # Values where exp's branches and the float edge cases meet: NaN, infinities, the +-88
+    # cut-offs and their neighbours, signed zeros, subnormals, the largest floats; and a
+    # wide sweep of magnitudes (the vectorised loop computes both sides of each branch).
+    edge = np.array([np.nan, np.inf, -np.inf, 88.0, -88.0, 88.00001, -88.00001, 87.99999,
+                     -87.99999, 0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 3.4e38, -3.4e38,
+                     0.5, -0.5, 1.0, -1.0, 20.0, -20.0], np.float32)
+    sweep = (rng.standard_normal(16384) * 10.0 ** rng.uniform(-6, 2.3, 16384)).astype(np.float32)
+    e = mx.array(np.concatenate([edge, sweep, -sweep]))
+    ones = mx.ones_like(e)
     out = {"swiglu": swiglu(g, u), "swiglu_1": swiglu(g[:1], u[:1]),
            "swiglu_t": swiglu(g.T, u.T), "mix": mix(g, u),
-           "scaled": scaled(g[:, :8], u[:8, :8])}
+           "scaled": scaled(g[:, :8], u[:8, :8]), "swiglu_edge": swiglu(e, ones),
+           "swiglu_edge_u": swiglu(ones, e) * swiglu(e, e), "mix_edge": mix(e, e),
+           "term": term(g[:, None], mx.array([True, False] * 4)[:, None],
+                        u[:1, None].astype(mx.float16))}
     np.savez(sys.argv[1], **{k: np.array(v) for k, v in out.items()})
 """)
 
@@ -407,6 +423,7 @@ def test_native_jit_kernels_bit_identical(tmp_path):
         got = out["native"][k]
         assert got.dtype == want.dtype and got.shape == want.shape, k
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
+    assert np.isnan(out["plain"]["swiglu_edge"]).any()  # the edge cases reached the kernels
 
 
 POPEN_CHILD = textwrap.dedent(r"""
@@ -456,7 +473,8 @@ def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
         runs[native] = json.loads(p.stdout)
     on, off = runs["1"], runs["0"]
     assert on[mlx_cmd] == ('g++ -std=c++17 -O3 -Wall -fPIC -shared -march=native '
-                           '-ffp-contract=off -I inc k.cpp -o k.so')
+                           '-ffp-contract=off -fno-trapping-math -finline-limit=1000 '
+                           '-I inc k.cpp -o k.so')
     assert off[mlx_cmd] == 'g++ -std=c++17 -O3 -Wall -fPIC -shared -I inc k.cpp -o k.so'
     assert on["g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"] == \
         "g++ -std=c++17 -O2 -Wall -fPIC -shared k.cpp"

@@ -10,8 +10,9 @@ shim below forwards MLX's products to it. A small shim compiled here at set-up
 MLX's one-row `cblas_sgemm` calls (batch-1 decoding) to `cblas_sgemv`, and
 few-row ones (batched decoding of 2-12 rows) to a kernel that streams each
 weight row once; OpenBLAS's sgemm re-packs the whole weight matrix on every call.
-On x86-64 the shim also adds `-march=native -ffp-contract=off` to the g++ command MLX
-compiles its fused CPU kernels with at run time (bit-identical outputs; MLX caches them by
+On x86-64 the shim also adds `-march=native -ffp-contract=off -fno-trapping-math
+-finline-limit=1000` to the g++ command MLX compiles its fused CPU kernels with at run time
+(exp inlined and vectorised, bit-identical outputs; MLX caches them by
 name under `$TMPDIR/mlx/`, so kernels compiled before are reused as they are;
 MLX_STEER_SHIM_NATIVE=0 leaves the command alone).
 tcmalloc (Debian `libtcmalloc-minimal4`) is added when installed: MLX allocates

@@ -35,11 +35,13 @@
  *
  * MLX's compiled CPU kernels: MLX compiles a fused kernel (mx.compile, e.g. mlx-lm's
  * SwiGLU) at run time with `g++ -std=c++17 -O3 -Wall -fPIC -shared ...` through popen(),
- * without -march: exp stays scalar and every fma is a call into libm. On x86-64, popen()
- * here adds `-march=native -ffp-contract=off` to that command (only to a command starting
- * with exactly that prefix; every other command passes through unchanged). Contraction stays
- * off, so each kernel does the same float operations, each correctly rounded, and its
- * results are bit-identical; only the instructions change (vectors, inline fma). MLX
+ * without -march: each element calls MLX's scalar exp out of line, and every fma in it is a
+ * call into libm. On x86-64, popen() here adds `-march=native -ffp-contract=off
+ * -fno-trapping-math -finline-limit=1000` to that command (only to a command starting with
+ * exactly that prefix; every other command passes through unchanged): exp is inlined and
+ * the loop vectorised (see MLX_JIT_FLAGS). Contraction stays off, so each kernel does the
+ * same float operations, each correctly rounded, and its results are bit-identical; only
+ * the instructions change (vectors, inline fma). MLX
  * caches each kernel under $TMPDIR/mlx/<version>/cpu by name: a kernel compiled before
  * (without the shim) is reused as it is; delete that folder to recompile.
  *
@@ -51,7 +53,9 @@
  * its threads (default: OPENBLAS_NUM_THREADS, else the online CPUs, at most 16);
  * MLX_STEER_SHIM_ISA=avx2|generic caps the kernel's instruction set (for measuring);
  * MLX_STEER_SHIM_TWINS=0 turns quantised twins off; MLX_STEER_SHIM_SPIN=n sets how many
- * times an idle pool thread polls for work before it sleeps (default 1000, 0: never);
+ * times an idle pool thread polls for work before it sleeps (default 1000, 0: never), and
+ * MLX_STEER_SHIM_SPIN_BATCH=n the same after a product of several rows (default 30000);
+ * MLX_STEER_SHIM_TWIN_SPLIT=n splits twin products over the threads from n rows (default 1);
  * MLX_STEER_SHIM_NATIVE=0 leaves MLX's kernel compilations as they are.
  *
  * Build (mlx_steer.fastpath.build does it):
@@ -87,7 +91,10 @@ static int stats;
 static int smallm = 1;  /* few-row kernel on */
 static int nthreads = 1;
 static int spin = 1000; /* polls (x86 pause) before a pool thread sleeps */
-static int twin_split_rows = 2; /* rows from which twin products are split over threads */
+/* the same after a product of several rows (batched decoding, whose loop waits for each
+ * step: the second core is otherwise idle between its products) */
+static int spin_batch = 30000;
+static int twin_split_rows = 1; /* rows from which twin products are split over threads */
 static int twin_isa; /* quantised twins usable (AVX-512) */
 /* add -march=native to MLX's kernel compilations: x86-64 only (g++ for POWER, say, has
  * -mcpu=native instead and would reject the command, failing the compiled function) */
@@ -150,6 +157,8 @@ __attribute__((constructor)) static void shim_init(void) {
     if (nthreads > 16) nthreads = 16;
     s = getenv("MLX_STEER_SHIM_SPIN");
     if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
+    s = getenv("MLX_STEER_SHIM_SPIN_BATCH");
+    if (s && *s) spin_batch = atoi(s) > 0 ? atoi(s) : 0;
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
     s = getenv("MLX_STEER_SHIM_NATIVE");
     if (s && strcmp(s, "0") == 0) native = 0;
@@ -581,18 +590,26 @@ static inline void cpu_relax(void) {
 }
 
 /* Workers poll for the next job a little (a product every few tens of microseconds while
- * decoding) before sleeping: a futex wake-up costs about as much as a small product. */
+ * decoding) before sleeping: a futex wake-up costs about as much as a small product, and
+ * in this virtual machine the waking thread pays most of it. After a product of several
+ * rows they poll longer (spin_batch, ~0.3 ms): batched decoding's loop waits for each step,
+ * so the other core is idle between its products, and one step's gaps between products
+ * (attention, SwiGLU) are shorter than that; after one-row products (batch-1 decoding,
+ * whose loop builds the next token's graph meanwhile) they poll briefly. */
 static void *worker(void *arg) {
     (void)arg;
     unsigned long seen = 0;
+    int polls = spin;
     for (;;) {
-        for (int i = 0; i < spin && __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen; i++)
+        for (int i = 0; i < polls && __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen;
+             i++)
             cpu_relax();
         pthread_mutex_lock(&pool_mu);
         while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
         seen = pool_gen;
         struct job j = job;
         pthread_mutex_unlock(&pool_mu);
+        polls = j.M >= 2 ? spin_batch : spin;
         run_chunks(&j, seen);
     }
     return NULL;
@@ -611,8 +628,10 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
                         const struct twin *t) {
     int parts = nthreads;
     if ((long)N * K < 65536L || N < 8 * parts) parts = 1;
-    /* One-row twin products (batch-1 decoding) run on the calling thread: measured, the
-     * other core is better left to MLX's graph building and Python. */
+    /* Twin products are split from twin_split_rows rows (MLX_STEER_SHIM_TWIN_SPLIT): from
+     * one row by default. Measured on 2 cores, quiet: batch-1 decode through mlx-lm's
+     * pipelined loop 46.9 tok/s split against 40.5 on the calling thread alone (the graph
+     * building of the next token leaves the second core idle most of the time). */
     if (t && M < twin_split_rows) parts = 1;
     if (parts > 1 && pthread_mutex_trylock(&call_mu) == 0) {
         pthread_mutex_lock(&pool_mu);
@@ -734,9 +753,15 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
 /* The command MLX 0.32 compiles each fused CPU kernel with (mlx/backend/cpu/compiled.cpp),
  * up to its include flags and file names. Nothing else starts with it. */
 static const char MLX_JIT_PREFIX[] = "g++ -std=c++17 -O3 -Wall -fPIC -shared ";
-/* -march=native: vector exp, inline fma. -ffp-contract=off, explicit: no a * b + c is
- * fused into one rounding, so every kernel computes what it computed without -march. */
-static const char MLX_JIT_FLAGS[] = "-march=native -ffp-contract=off ";
+/* -march=native: vector instructions, inline fma. -ffp-contract=off, explicit: no a * b + c
+ * is fused into one rounding, so every kernel computes what it computed without -march.
+ * -finline-limit=1000: MLX's exp (a template of ~40 operations) is inlined into the kernel's
+ * loop instead of being called once per element. -fno-trapping-math: the loop may then be
+ * vectorised although exp selects between branches (NaN, overflow, underflow): both sides are
+ * computed and one is kept, which GCC may only do when float operations cannot trap.
+ * Neither changes a value: no reassociation, no contraction, the same IEEE operations. */
+static const char MLX_JIT_FLAGS[] =
+    "-march=native -ffp-contract=off -fno-trapping-math -finline-limit=1000 ";
 
 typedef FILE *(*popen_fn)(const char *, const char *);
 
