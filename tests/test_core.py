@@ -3,6 +3,7 @@
 import threading
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm import generate as mlx_generate
@@ -43,9 +44,11 @@ def test_install_keeps_names_classes_and_loading(tiny):
     assert not any(isinstance(layer, base.SteerMixin) for layer in model.layers)
     assert not any(isinstance(layer.self_attn, base.SteerAttentionMixin)
                    for layer in model.layers)
+    assert all(type(layer.self_attn.rope) is nn.RoPE for layer in model.layers)
     install(model)
     install(model)  # idempotent
     assert all(type(layer) is expected for layer in model.layers)
+    assert all(type(layer.self_attn.rope) is base.SharedRoPE for layer in model.layers)
     model.load_weights(list(zip(names, [v for _, v in _flat(model)])), strict=True)
     assert len(make_prompt_cache(model)) == tiny.num_layers
 
@@ -69,6 +72,30 @@ def test_strength_zero_is_bit_identical_to_plain_mlx_lm(tiny):
         install(tiny.model)
     assert tiny.generate(PROMPT, max_tokens=12) == ref
     assert tiny.generate(PROMPT, Steer(vec(tiny), 2, 0.0), max_tokens=12) == ref
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+def test_shared_rope_equals_mlx_rope_bit_for_bit(traditional):
+    """SharedRoPE's tables come from mx.fast.rope on a probe and are applied with the CPU
+    fallback's operations: the same bits as nn.RoPE for every offset form, length, rotated
+    width, dtype, base and scale; one table serves every call at the same offset."""
+    rng = np.random.default_rng(0)
+    cases = [(1, 1, 0), (1, 1, 57), (1, 7, 300), (3, 1, mx.array([5, -2, 40])),
+             (3, 5, mx.array([0, 1, 2])), (2, 3, mx.array(9))]
+    for dims, width, rope_base, scale in ((64, 64, 10000.0, 1.0), (32, 64, 500000.0, 0.5),
+                                          (96, 96, 130000.0, 1.0)):
+        for dtype in (mx.float32, mx.float16):
+            for B, T, offset in cases:
+                x = mx.array(rng.standard_normal((B, 4, T, width)).astype(np.float32))
+                x = x.astype(dtype)
+                rope = nn.RoPE(dims, traditional=traditional, base=rope_base, scale=scale)
+                want = np.array(rope(x, offset=offset).astype(mx.float32))
+                rope.__class__ = base.SharedRoPE
+                for _ in range(2):  # the second call reads the table the first one built
+                    got = np.array(rope(x, offset=offset).astype(mx.float32))
+                    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), \
+                        (dims, width, dtype, B, T, offset)
+    assert base._rope_memo()  # tables were shared through the memo
 
 
 def test_strength_scales_vector_exactly(tiny):

@@ -11,6 +11,7 @@ only their own steering. Parameter names, weight loading, `make_cache` and
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any, Sequence
 
 import mlx.core as mx
@@ -85,6 +86,68 @@ def positions(offset: Any, length: int) -> mx.array:
     if isinstance(offset, int):
         return mx.arange(offset, offset + length)[None]
     return offset[:, None] + mx.arange(length)[None]
+
+
+class SharedRoPE(nn.RoPE):
+    """mlx's RoPE with its cosines and sines computed once per step, not once per call.
+
+    On the CPU `mx.fast.rope` has no kernel: MLX composes it from ~33 operations, most of
+    them building the cosine and sine tables of the positions, and a decode step calls it
+    for the queries and keys of every block (60 calls for SmolLM2: about 45% of a step's
+    MLX operations). Here the tables are built by `mx.fast.rope` itself, on a probe of ones
+    and zeros (rotating (1, 0) gives (cos, sin), each exactly: 1 * c - 0 * s = c), once per
+    offset and length, and every call applies them with the fallback's own operations in
+    its order, so the result is the same bit for bit (`tests/test_models.py`). Elsewhere
+    (a GPU, another input rank) it is `nn.RoPE`.
+    """
+
+    def __call__(self, x, offset=0):
+        if x.ndim != 4 or mx.default_device() != mx.cpu:
+            return super().__call__(x, offset)
+        B, N, T, D = x.shape
+        cos, sin = self._table(T, offset, x.dtype)
+        d = self.dims
+        if self.traditional:
+            x1, x2 = x[..., 0:d:2], x[..., 1:d:2]
+        else:
+            x1, x2 = x[..., : d // 2], x[..., d // 2: d]
+        o1 = x1 * cos - x2 * sin
+        o2 = x1 * sin + x2 * cos
+        if self.traditional:
+            out = mx.concatenate([o1[..., None], o2[..., None]], axis=-1).reshape(B, N, T, d)
+            return mx.concatenate([out, x[..., d:]], axis=-1) if d < D else out
+        return mx.concatenate([o1, o2, x[..., d:]] if d < D else [o1, o2], axis=-1)
+
+    def _table(self, T: int, offset, dtype) -> tuple[mx.array, mx.array]:
+        # Keyed by the offset's value (an int) or by the array itself (a batch's offsets:
+        # the queries and keys of a block share it), which the entry keeps alive so that
+        # its id cannot be reused while the entry stands.
+        key = (offset if isinstance(offset, int) else id(offset), T, dtype, self.dims,
+               self.base, self.scale)
+        memo = _rope_memo()
+        hit = memo.get(key)
+        if hit is not None:
+            return hit[1]
+        rows = offset.size if isinstance(offset, mx.array) and offset.size > 1 else 1
+        probe = mx.broadcast_to(mx.array([1.0, 0.0], dtype), (rows, 1, T, self.dims // 2, 2))
+        t = mx.fast.rope(probe.reshape(rows, 1, T, self.dims), self.dims, traditional=True,
+                         base=self.base, scale=self.scale, offset=offset)
+        table = (t[..., 0::2], t[..., 1::2])
+        if len(memo) >= 16:  # a few steps' worth; older offsets do not come back
+            memo.clear()
+        memo[key] = (offset, table)
+        return table
+
+
+_ROPE_MEMO = threading.local()
+
+
+def _rope_memo() -> dict:
+    """This thread's tables (each thread builds its own requests' graphs)."""
+    memo = getattr(_ROPE_MEMO, "tables", None)
+    if memo is None:
+        memo = _ROPE_MEMO.tables = {}
+    return memo
 
 
 class SteerAttentionMixin:
@@ -215,6 +278,9 @@ def install(model: nn.Module) -> nn.Module:
         attn = _attention(layer)
         if attn is not None:
             attn.__class__ = _steered_class(type(attn), SteerAttentionMixin)
+        rope = getattr(getattr(layer, "self_attn", None), "rope", None)
+        if type(rope) is nn.RoPE:  # exactly: scaled variants compute other tables
+            rope.__class__ = SharedRoPE
     return model
 
 
@@ -226,6 +292,9 @@ def uninstall(model: nn.Module) -> nn.Module:
         attn = getattr(layer, "self_attn", None)
         if isinstance(attn, SteerAttentionMixin):
             attn.__class__ = type(attn)._base_block
+        rope = getattr(attn, "rope", None)
+        if type(rope) is SharedRoPE:
+            rope.__class__ = nn.RoPE
     return model
 
 
