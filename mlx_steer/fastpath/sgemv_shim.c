@@ -119,6 +119,14 @@ static int env_int(const char *name, int dflt) {
     return v > 0 ? v : dflt;
 }
 
+/* A count of polls: unset keeps `dflt`, anything not positive means none. */
+static int env_polls(const char *name, int dflt) {
+    const char *s = getenv(name);
+    if (!s || !*s) return dflt;
+    int v = atoi(s);
+    return v > 0 ? v : 0;
+}
+
 __attribute__((constructor)) static void shim_init(void) {
     real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
     real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
@@ -155,10 +163,8 @@ __attribute__((constructor)) static void shim_init(void) {
     nthreads = env_int("MLX_STEER_SHIM_THREADS",
                        env_int("OPENBLAS_NUM_THREADS", ncpu > 0 ? (int)ncpu : 1));
     if (nthreads > 16) nthreads = 16;
-    s = getenv("MLX_STEER_SHIM_SPIN");
-    if (s && *s) spin = atoi(s) > 0 ? atoi(s) : 0;
-    s = getenv("MLX_STEER_SHIM_SPIN_BATCH");
-    if (s && *s) spin_batch = atoi(s) > 0 ? atoi(s) : 0;
+    spin = env_polls("MLX_STEER_SHIM_SPIN", spin);
+    spin_batch = env_polls("MLX_STEER_SHIM_SPIN_BATCH", spin_batch);
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
     s = getenv("MLX_STEER_SHIM_NATIVE");
     if (s && strcmp(s, "0") == 0) native = 0;

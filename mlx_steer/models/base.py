@@ -97,7 +97,7 @@ class SharedRoPE(nn.RoPE):
     MLX operations). Here the tables are built by `mx.fast.rope` itself, on a probe of ones
     and zeros (rotating (1, 0) gives (cos, sin), each exactly: 1 * c - 0 * s = c), once per
     offset and length, and every call applies them with the fallback's own operations in
-    its order, so the result is the same bit for bit (`tests/test_models.py`). Elsewhere
+    its order, so the result is the same bit for bit (`tests/test_core.py`). Elsewhere
     (a GPU, another input rank) it is `nn.RoPE`.
     """
 
