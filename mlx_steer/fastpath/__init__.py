@@ -40,6 +40,7 @@ LD_PRELOAD once): the Makefile runs `env LD_PRELOAD=... python ...`, and
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import importlib.util
@@ -260,6 +261,22 @@ def loaded() -> dict[str, bool]:
 def active() -> bool:
     """True when this process runs MLX with OpenBLAS preloaded."""
     return loaded()["openblas"]
+
+
+_ROWS_ALONE: dict[int, int] = {}
+
+
+def rows_alone(m: int) -> int:
+    """The most elements of B for which the preloaded shim computes a small product of `m`
+    rows (`A @ B` or `A @ B.T`) giving each row the bits it gets alone; 0 without the shim."""
+    if m not in _ROWS_ALONE:
+        try:
+            fn = ctypes.CDLL(None).mlx_steer_rows_alone
+            fn.restype, fn.argtypes = ctypes.c_long, [ctypes.c_int]
+            _ROWS_ALONE[m] = int(fn(m))
+        except (OSError, AttributeError):  # no shim in this process
+            _ROWS_ALONE[m] = 0
+    return _ROWS_ALONE[m]
 
 
 def reexec(argv: list[str] | None = None, shim: bool = True, use_tcmalloc: bool = True

@@ -343,7 +343,7 @@ static void pick_kernel(void) {
 struct twin {
     const float *w;             /* the float32 matrix, N x K row-major */
     long tag;                   /* owner, for mlx_steer_twin_unregister */
-    int N, K, bits;             /* bits: 4 (two per byte, low nibble first) or 8 */
+    int N, K, bits;             /* bits: 4 (two per byte: see twin_group) or 8 */
     const unsigned char *q;     /* N x K/2 or N x K bytes */
     const float *scale, *bias;  /* N x K/32 each */
     unsigned int probe[2];      /* bits of w[0] and w[N*K-1] at registration */
@@ -366,8 +366,9 @@ static void twin_insert(struct twin t) {
 /* 1 when quantised twins can be used here (x86-64 with AVX-512). */
 int mlx_steer_twin_supported(void) { return twin_isa; }
 
-/* Register W (N x K float32) as the expansion of q / scale / bias; 1 on success. The
- * caller keeps all four buffers alive until mlx_steer_twin_unregister(tag). */
+/* Register W (N x K float32) as the expansion of q / scale / bias (4-bit bytes in the
+ * order twin_group reads); 1 on success. The caller keeps all four buffers alive until
+ * mlx_steer_twin_unregister(tag). */
 int mlx_steer_twin_register(const float *w, int N, int K, int bits, const unsigned char *q,
                             const float *scale, const float *bias, long tag) {
     if (!twin_isa || !w || !q || !scale || !bias || N <= 0 || K <= 0 ||
@@ -432,9 +433,10 @@ static void twin_release(void) { pthread_rwlock_unlock(&twin_lock); }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TWIN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
-/* The 32 weights of group g of row n, rebuilt as float32. 8 bits: w0 = elements 0..15,
- * w1 = 16..31. 4 bits: w0 = the even elements, w1 = the odd ones, to be paired with an
- * input row whose groups were permuted the same way (twin_permute). */
+/* The 32 weights of group g of row n, rebuilt as float32: w0 = elements 0..15, w1 = 16..31.
+ * 8 bits: one byte per element. 4 bits: byte j of a group's 16 holds element j in its low
+ * nibble and element j + 16 in its high one (GGUF's own order; mlx_steer.fastpath.twins
+ * converts MLX's, which pairs neighbours), so the input rows are read as they are. */
 TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __m512 *w0,
                                           __m512 *w1) {
     const int G = t->K / TWIN_GROUP;
@@ -490,23 +492,6 @@ TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __
 TWIN_ROWS(twin_rows2x1, 2, 1)
 TWIN_ROWS(twin_rows2x4, 2, 4)
 TWIN_ROWS(twin_rows2x8, 2, 8)
-
-/* A copy of the M input rows with each group of 32 reordered even elements first, then
- * odd ones (the order twin_group rebuilds 4-bit weights in); NULL when out of memory. */
-static float *twin_permute(int M, int K, const float *A, int lda) {
-    float *xp = malloc(sizeof(float) * (size_t)M * K);
-    if (!xp) return NULL;
-    for (int m = 0; m < M; m++) {
-        const float *x = A + (size_t)m * lda;
-        float *y = xp + (size_t)m * K;
-        for (int k = 0; k < K; k += TWIN_GROUP)
-            for (int i = 0; i < TWIN_GROUP / 2; i++) {
-                y[k + i] = x[k + 2 * i];
-                y[k + TWIN_GROUP / 2 + i] = x[k + 2 * i + 1];
-            }
-    }
-    return xp;
-}
 
 /* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W: blocks
  * of four weight rows, read from memory once for all input rows, two rebuilt per pass
@@ -681,6 +666,13 @@ static void smallm_gemm(int M, int N, int K, float alpha, const float *A, int ld
         smallm_cols(M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+/* The most elements of B (N x K) for which a product of M rows A B or A B^T (A not
+ * transposed) gives each row the bits it gets alone, 0 if none: the attention then
+ * batches a head group's queries into one product (mlx_steer.models.attention). */
+long mlx_steer_rows_alone(int M) {
+    return real_sgemm && real_sgemv && smallm && M >= 1 && M <= SMALL_M_MAX ? ONE_ROW_SMALL : 0;
+}
+
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta,
                  float *C, int ldc) {
@@ -702,24 +694,29 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
         (tb == NoTrans || tb == Trans)) {
         if (ta == NoTrans && tb == Trans && M <= SMALL_M_MAX) {
             const struct twin *t = twin_find(B, N, K, ldb);
-            float *xp = t && t->bits == 4 ? twin_permute(M, K, A, lda) : NULL;
-            if (t && (xp || t->bits == 8)) { /* x @ W^T, W registered: read its quantised bytes */
-                if (xp) smallm_gemm(M, N, K, alpha, xp, K, B, ldb, beta, C, ldc, t);
-                else smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, t);
-                free(xp);
+            if (t) { /* x @ W^T, W registered: read its quantised bytes */
+                smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, t);
                 twin_release();
                 if (stats) __atomic_fetch_add(&n_twin, 1, __ATOMIC_RELAXED);
                 return;
             }
-            if (t) twin_release();
         }
-        if (M == 1 && ta == NoTrans && smallm && (long)N * K <= ONE_ROW_SMALL) {
-            /* A small one-row product (attention, per row and head): here, on this thread.
-               OpenBLAS's sgemv splits those above 9216 elements (a context of 144 tokens)
-               over its threads, which then spend more time waiting than computing. */
-            if (tb == Trans) smallm_cols(1, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-            else row_times(N, K, alpha, A, B, ldb, beta, C);
-            if (stats) __atomic_fetch_add(&n_row, 1, __ATOMIC_RELAXED);
+        if (M <= SMALL_M_MAX && ta == NoTrans && smallm && (long)N * K <= ONE_ROW_SMALL) {
+            /* A small product of a few rows (attention, per row and head, or a head group's
+               queries together): here, on this thread, each row exactly as it would be
+               alone, so that grouping rows changes no bit (mlx_steer_rows_alone).
+               OpenBLAS's sgemv splits one-row products above 9216 elements (a context of
+               144 tokens) over its threads, which then spend more time waiting than
+               computing. */
+            if (tb == Trans && M == 1)
+                smallm_cols(1, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            else if (tb == Trans) /* split over the threads or not: the same code per column */
+                smallm_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
+            else
+                for (int m = 0; m < M; m++)
+                    row_times(N, K, alpha, A + (size_t)m * lda, B, ldb, beta,
+                              C + (size_t)m * ldc);
+            if (stats) __atomic_fetch_add(M == 1 ? &n_row : &n_small, 1, __ATOMIC_RELAXED);
             return;
         }
         if (M == 1) {

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models import base as mlx_base
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..steer import EMBEDDING, NEVER, Steer
+from . import attention
 
 
 class LayerPlan:
@@ -150,17 +153,48 @@ def _rope_memo() -> dict:
     return memo
 
 
+def _attend(queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx-lm's `scaled_dot_product_attention`, through `attention.attention` (the same
+    bits, a vectorised softmax) where that applies."""
+    if sinks is None and not hasattr(cache, "bits") \
+            and attention.applies(queries, keys, values, mask):
+        return attention.attention(queries, keys, values, scale, mask)
+    return mlx_base.scaled_dot_product_attention(queries, keys, values, cache=cache,
+                                                 scale=scale, mask=mask, sinks=sinks)
+
+
+def _attending(call):
+    """A copy of an attention module's `__call__` that calls `_attend` where it called
+    mlx-lm's `scaled_dot_product_attention`; None when it does not call that function.
+
+    The copy runs the same code with its module's globals (as they are when the class is
+    made steerable) but that one name, so that only steered models take the other route;
+    mlx-lm's module and its plain models are left as they are.
+    """
+    name = "scaled_dot_product_attention"
+    if not isinstance(call, types.FunctionType) or name not in call.__code__.co_names \
+            or call.__globals__.get(name) is not mlx_base.scaled_dot_product_attention:
+        return None
+    copy = types.FunctionType(call.__code__, {**call.__globals__, name: _attend},
+                              call.__name__, call.__defaults__, call.__closure__)
+    copy.__kwdefaults__ = call.__kwdefaults__
+    return copy
+
+
 class SteerAttentionMixin:
-    """Applies the cache's mid-block ablations to an attention module's output."""
+    """Applies the cache's mid-block ablations to an attention module's output, and
+    attends through `_attend` (see `_attending`)."""
 
     _base_block: type
+    _attend_call = None  # the base class's __call__ through `_attend`, where it applies
 
     def __call__(self, x, mask=None, cache=None, *args, **kwargs):
         plan = getattr(cache, "steer", None)
-        if plan is None or not plan.mid:
-            return super().__call__(x, mask, cache, *args, **kwargs)
-        pos = positions(cache.offset, x.shape[1])  # before attention advances the offset
-        return plan.apply_mid(super().__call__(x, mask, cache, *args, **kwargs), pos)
+        if plan is not None and plan.mid:
+            pos = positions(cache.offset, x.shape[1])  # before attention advances the offset
+        call = self._attend_call or super().__call__
+        out = call(x, mask, cache, *args, **kwargs)
+        return plan.apply_mid(out, pos) if plan is not None and plan.mid else out
 
 
 class Grow:
@@ -227,7 +261,8 @@ def _steered_class(cls: type, mixin: type = SteerMixin) -> type:
             f"{cls.__module__}.{cls.__name__} is not a decoder block called as "
             "(x, mask, cache); mlx-steer cannot steer this architecture"
         )
-    steered = type(f"Steered{cls.__name__}", (mixin, cls), {"_base_block": cls})
+    extra = {"_attend_call": _attending(cls.__call__)} if mixin is SteerAttentionMixin else {}
+    steered = type(f"Steered{cls.__name__}", (mixin, cls), {"_base_block": cls, **extra})
     register(cls, steered)
     return steered
 
