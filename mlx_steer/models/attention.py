@@ -83,30 +83,26 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     # (B x kv products of rep x L rows): the same bits, a third of the calls for SmolLM2.
     group = rep > 1 and rows_alone(rep * L) >= n * max(D, values.shape[-1])
     if group:
-        scores = (q.reshape(B, kv, rep * L, D) @ mx.swapaxes(k, -1, -2)).reshape(
-            B, kv, rep, L, n)
+        q = q.reshape(B, kv, rep * L, D)
     elif rep > 1:
         q = q.reshape(B, kv, rep, L, D)
         k = mx.expand_dims(k, 2)
         v = mx.expand_dims(v, 2)
-        scores = q @ mx.swapaxes(k, -1, -2)
-    else:
-        scores = q @ mx.swapaxes(k, -1, -2)
+    scores = q @ mx.swapaxes(k, -1, -2)
+    if group:
+        scores = scores.reshape(B, kv, rep, L, n)
     if isinstance(mask, str):  # "causal": query i sees keys up to its own position
         mask = mx.arange(n - L, n)[:, None] >= mx.arange(0, n)[None]
     if mask is not None:
         if rep > 1 and mask.ndim >= 3:
             if mask.shape[-3] == 1:
                 mask = mx.expand_dims(mask, -3)
-            else:
-                mask = mx.broadcast_to(mask, (*mask.shape[:-3], H, *mask.shape[-2:]))
+            else:  # one per query head (`applies` allows no other count)
                 mask = mask.reshape(*mask.shape[:-3], kv, rep, *mask.shape[-2:])
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
         else:
             scores = scores + mask.astype(scores.dtype)
     p = softmax(scores)
-    if group:
-        return (p.reshape(B, kv, rep * L, n) @ v).reshape(B, H, L, v.shape[-1])
-    out = p @ v
+    out = (p.reshape(B, kv, rep * L, n) if group else p) @ v
     return out.reshape(B, H, L, v.shape[-1]) if rep > 1 else out
