@@ -203,6 +203,25 @@ typedef float v4 __attribute__((vector_size(16)));
 #define hsum8(v) ({ v4 q_ = HALVES(v4, v); hsum4(q_); })
 #define hsum16(v) ({ v8 o_ = HALVES(v8, v); hsum8(o_); })
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* hsum16 and hsum8 with the same additions written as register extracts: GCC compiles
+ * the memcpy halves above through the stack (a 64-byte store, then 32-byte loads of its
+ * halves, which the store cannot forward to): measured, a head group's 3-query attention
+ * product took 2.1 us in the model, most of it those stalls. */
+__attribute__((target("avx512f,avx512vl,fma"))) static inline float hsum16_x86(v16 v) {
+    __m512 z = (__m512)v;
+    __m256 o = _mm256_add_ps(_mm512_castps512_ps256(z),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+__attribute__((target("avx2,fma"))) static inline float hsum8_x86(v8 v) {
+    __m256 o = (__m256)v;
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1));
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+#endif
+
 static inline void put(float *c, float s, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * s : alpha * s + beta * *c;
 }
@@ -307,13 +326,60 @@ typedef void (*row_fn)(int, int, float, const float *, const float *, int, float
 
 SMALLM_COLS(cols_generic, , v8, 8, hsum8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8, hsum8)
-SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16, hsum16)
+SMALLM_COLS(cols_avx2, __attribute__((target("avx2,fma"))), v8, 8, hsum8_x86)
+SMALLM_COLS(cols_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16, hsum16_x86)
 #endif
 ROW_TIMES(row_generic, , v8, 8)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 ROW_TIMES(row_avx2, __attribute__((target("avx2,fma"))), v8, 8)
-ROW_TIMES(row_avx512, __attribute__((target("avx512f,avx512vl,fma"))), v16, 16)
+/* ROW_TIMES for AVX-512, with the same operations per column (one fma per k, in order,
+ * from zero; its tail columns too, where GCC contracts the scalar += into an fma):
+ * 64 columns at a time in four registers. ROW_TIMES's accumulators live in an array
+ * that GCC keeps on the stack, so each k stored and reloaded them (measured: the values
+ * product of a head group's 3 queries took 1.7 us in the model). */
+__attribute__((target("avx512f,avx512vl,fma"))) static void row_avx512(
+    int N, int K, float alpha, const float *x, const float *B, int ldb, float beta, float *C) {
+    for (int n0 = 0; n0 < N; n0 += 64) {
+        const int nn = N - n0 < 64 ? N - n0 : 64;
+        __mmask16 mask[4];
+        for (int v = 0; v < 4; v++) {
+            const int left = nn - 16 * v;
+            mask[v] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *b = B + n0;
+        if (nn == 64)
+            for (int k = 0; k < K; k++, b += ldb) {
+                const __m512 xk = _mm512_set1_ps(x[k]);
+                a0 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b), a0);
+                a1 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 16), a1);
+                a2 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 32), a2);
+                a3 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 48), a3);
+            }
+        else
+            for (int k = 0; k < K; k++, b += ldb) {
+                const __m512 xk = _mm512_set1_ps(x[k]);
+                a0 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[0], b), a0);
+                a1 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[1], b + 16), a1);
+                a2 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[2], b + 32), a2);
+                a3 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[3], b + 48), a3);
+            }
+        float *c = C + n0;
+        if (alpha == 1.0f && beta == 0.0f) {
+            _mm512_mask_storeu_ps(c, mask[0], a0);
+            _mm512_mask_storeu_ps(c + 16, mask[1], a1);
+            _mm512_mask_storeu_ps(c + 32, mask[2], a2);
+            _mm512_mask_storeu_ps(c + 48, mask[3], a3);
+        } else {
+            float s[64];
+            _mm512_storeu_ps(s, a0);
+            _mm512_storeu_ps(s + 16, a1);
+            _mm512_storeu_ps(s + 32, a2);
+            _mm512_storeu_ps(s + 48, a3);
+            for (int j = 0; j < nn; j++) put(c + j, s[j], alpha, beta);
+        }
+    }
+}
 #endif
 
 static cols_fn smallm_cols = cols_generic;
@@ -434,64 +500,142 @@ static void twin_release(void) { pthread_rwlock_unlock(&twin_lock); }
 #define TWIN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
 /* The 32 weights of group g of row n, rebuilt as float32: w0 = elements 0..15, w1 = 16..31.
- * 8 bits: one byte per element. 4 bits: byte j of a group's 16 holds element j in its low
- * nibble and element j + 16 in its high one (GGUF's own order; mlx_steer.fastpath.twins
- * converts MLX's, which pairs neighbours), so the input rows are read as they are. */
+ * 8 bits: one byte per element, each rebuilt as fma(q, scale, bias). 4 bits: byte j of a
+ * group's 16 holds element j in its low nibble and element j + 16 in its high one (GGUF's
+ * own order; mlx_steer.fastpath.twins converts MLX's, which pairs neighbours), so the
+ * input rows are read as they are; the group's 16 possible weights fma(q, scale, bias),
+ * q = 0..15, are computed once and each weight looked up by its nibble (the same values,
+ * in fewer instructions: vpermps reads only an index's low 4 bits, so the low nibbles
+ * need no mask). */
 TWIN_TARGET static inline void twin_group(const struct twin *t, int n, int g, __m512 *w0,
                                           __m512 *w1) {
     const int G = t->K / TWIN_GROUP;
-    __m512i e0, e1;
+    __m512 sc = _mm512_set1_ps(t->scale[(size_t)n * G + g]);
+    __m512 bi = _mm512_set1_ps(t->bias[(size_t)n * G + g]);
     if (t->bits == 4) {
         __m512i e = _mm512_cvtepu8_epi32(
             _mm_loadu_si128((const __m128i *)(t->q + (size_t)n * (t->K / 2) + g * 16)));
-        e0 = _mm512_and_si512(e, _mm512_set1_epi32(0x0F));
-        e1 = _mm512_srli_epi32(e, 4);
+        __m512 table = _mm512_fmadd_ps(
+            _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), sc, bi);
+        *w0 = _mm512_permutexvar_ps(e, table);
+        *w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), table);
     } else {
         const unsigned char *q = t->q + (size_t)n * t->K + g * 32;
-        e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-        e1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+        *w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                  _mm_loadu_si128((const __m128i *)q))), sc, bi);
+        *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                  _mm_loadu_si128((const __m128i *)(q + 16)))), sc, bi);
     }
-    __m512 sc = _mm512_set1_ps(t->scale[(size_t)n * G + g]);
-    __m512 bi = _mm512_set1_ps(t->bias[(size_t)n * G + g]);
-    *w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e0), sc, bi);
-    *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e1), sc, bi);
 }
 
-/* Rows n .. n+NR-1 of W against MC input rows x[0..MC): s[r][m] = dot(W[n+r], x[m]).
- * Rows past the matrix's end repeat its last row (their sums are not stored). Each sum
- * has one accumulator, taking each group's two halves in turn, then its 16 lanes are
- * added pairwise: the same order whatever NR and MC, so a row's sums do not depend on
- * the rows batched with it. Each input vector is loaded once for the NR weight rows (the
- * empty asm keeps it in a register; GCC would otherwise fold a load into every FMA, and
- * loads, not FMAs, then bound the kernel). */
+/* Asks for the bytes of row n's groups g .. g+3 (and, at g = 0, its scales and biases)
+ * to be brought into the cache. A product of several input rows streams the weights
+ * more slowly than the hardware's prefetchers expect: measured in the model at 8 rows,
+ * asking TWIN_AHEAD rows ahead made a decode step 10% faster (35.3 -> 31.7 ms); one row
+ * does not ask (its kernel is bound by memory, and asking did not help there). */
+enum { TWIN_AHEAD = 8 };
+TWIN_TARGET static inline void twin_prefetch(const struct twin *t, int n, int g) {
+    if (n >= t->N) return;
+    const int G = t->K / TWIN_GROUP;
+    const char *q = (const char *)t->q + (size_t)n * (t->K / 8 * t->bits) + g * 4 * t->bits;
+    _mm_prefetch(q, _MM_HINT_T0);
+    if (t->bits == 8) _mm_prefetch(q + 64, _MM_HINT_T0);
+    if (g == 0)
+        for (int i = 0; i < G; i += 16) {
+            _mm_prefetch((const char *)(t->scale + (size_t)n * G + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(t->bias + (size_t)n * G + i), _MM_HINT_T0);
+        }
+}
+
+/* Rows n .. n+NR-1 of W against MC input rows x[0..MC): a[r][m] holds 16 partial sums of
+ * dot(W[n+r], x[m]). Rows past the matrix's end repeat its last row (their sums are not
+ * stored). Each sum has one accumulator, taking each group's two halves in turn: the same
+ * order whatever NR and MC, so a row's sums do not depend on the rows batched with it.
+ * Each input vector is loaded once for the NR weight rows (the empty asm keeps it in a
+ * register; GCC would otherwise fold a load into every FMA, and loads, not FMAs, then
+ * bound the kernel). */
+#define TWIN_ACC(NR, MC)                                                                    \
+    const int G = t->K / TWIN_GROUP;                                                       \
+    int rows[NR];                                                                          \
+    for (int r = 0; r < NR; r++) rows[r] = n + r < t->N ? n + r : t->N - 1;                \
+    __m512 a[NR][MC];                                                                      \
+    for (int r = 0; r < NR; r++)                                                           \
+        for (int m = 0; m < MC; m++) a[r][m] = _mm512_setzero_ps();                        \
+    for (int g = 0; g < G; g++) {                                                          \
+        __m512 w[NR][2];                                                                   \
+        if (MC >= 4 && (g & 3) == 0)                                                       \
+            for (int r = 0; r < NR; r++) twin_prefetch(t, rows[r] + TWIN_AHEAD, g);        \
+        for (int r = 0; r < NR; r++) twin_group(t, rows[r], g, &w[r][0], &w[r][1]);        \
+        for (int m = 0; m < MC; m++) {                                                     \
+            __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                    \
+            __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                               \
+            __asm__("" : "+v"(x0), "+v"(x1));                                              \
+            for (int r = 0; r < NR; r++) {                                                 \
+                a[r][m] = _mm512_fmadd_ps(w[r][0], x0, a[r][m]);                           \
+                a[r][m] = _mm512_fmadd_ps(w[r][1], x1, a[r][m]);                           \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+/* The sum of v's 16 lanes, in a fixed tree: upper 8 + lower 8, then upper 4 + lower 4 of
+ * those, then lanes 0 + 2 and 1 + 3, then those two (written out rather than left to
+ * _mm512_reduce_add_ps, whose tree is the compiler's: twin_sum16 must match it). */
+TWIN_TARGET static inline float twin_sum1(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                             _mm512_castps512_ps256(v));
+    __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, 0x4E)); /* [q0 + q2, q1 + q3, ..] */
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55)));
+}
+
+/* s[r][m] = dot(W[n+r], x[m]), each accumulator reduced by twin_sum1. */
 #define TWIN_ROWS(NAME, NR, MC)                                                             \
     TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
                                  float s[NR][MC]) {                                        \
-        const int G = t->K / TWIN_GROUP;                                                   \
-        int rows[NR];                                                                      \
-        for (int r = 0; r < NR; r++) rows[r] = n + r < t->N ? n + r : t->N - 1;            \
-        __m512 a[NR][MC];                                                                  \
+        TWIN_ACC(NR, MC)                                                                   \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++) a[r][m] = _mm512_setzero_ps();                    \
-        for (int g = 0; g < G; g++) {                                                      \
-            __m512 w[NR][2];                                                               \
-            for (int r = 0; r < NR; r++) twin_group(t, rows[r], g, &w[r][0], &w[r][1]);    \
-            for (int m = 0; m < MC; m++) {                                                 \
-                __m512 x0 = _mm512_loadu_ps(x[m] + g * 32);                                \
-                __m512 x1 = _mm512_loadu_ps(x[m] + g * 32 + 16);                           \
-                __asm__("" : "+v"(x0), "+v"(x1));                                          \
-                for (int r = 0; r < NR; r++) {                                             \
-                    a[r][m] = _mm512_fmadd_ps(w[r][0], x0, a[r][m]);                       \
-                    a[r][m] = _mm512_fmadd_ps(w[r][1], x1, a[r][m]);                       \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
-        for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++) s[r][m] = _mm512_reduce_add_ps(a[r][m]);          \
+            for (int m = 0; m < MC; m++) s[r][m] = twin_sum1(a[r][m]);                     \
     }
 TWIN_ROWS(twin_rows2x1, 2, 1)
 TWIN_ROWS(twin_rows2x4, 2, 4)
-TWIN_ROWS(twin_rows2x8, 2, 8)
+
+/* Lane j of the result = twin_sum1(v[j]) bit for bit (the same pairs added, in the same
+ * operand order), but the 16 reductions share their shuffles and adds: 45 instructions
+ * instead of about 130 (at 8 rows and K = 576, separate reductions cost a fifth of the
+ * kernel). */
+TWIN_TARGET static inline __m512 twin_sum16(const __m512 v[16]) {
+    __m512 u[8], w[4], z[2];
+    for (int p = 0; p < 8; p++) /* [A.hi8 + A.lo8 | B.hi8 + B.lo8] */
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44));
+    for (int q = 0; q < 4; q++) /* per 128-bit block: upper 4 + lower 4 of one sum's 8 */
+        w[q] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0xDD),
+                             _mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0x88));
+    for (int s = 0; s < 2; s++) /* per block: [E0 + E2, E1 + E3, F0 + F2, F1 + F3] */
+        z[s] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * s], w[2 * s + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * s], w[2 * s + 1], 0xEE));
+    /* per block b: [sum b, sum 4+b, sum 8+b, sum 12+b], then each sum to its own lane */
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88),
+                             _mm512_shuffle_ps(z[0], z[1], 0xDD));
+    return _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+/* Rows n, n+1 of W against 8 input rows, stored: C[m][n + r] = alpha * dot(W[n+r], x[m])
+ * + beta * C[m][n + r] for r < nr (1 or 2), through put() unless alpha = 1 and beta = 0. */
+TWIN_TARGET static void twin_rows2x8(const struct twin *t, int n, const float *const *x,
+                                     int nr, float alpha, float beta, float *C, int ldc) {
+    TWIN_ACC(2, 8)
+    __m512 v[16];
+    for (int m = 0; m < 8; m++) v[2 * m] = a[0][m], v[2 * m + 1] = a[1][m];
+    float s[16];
+    _mm512_storeu_ps(s, twin_sum16(v)); /* s[2m + r] = dot(W[n+r], x[m]) */
+    if (alpha == 1.0f && beta == 0.0f && nr == 2)
+        for (int m = 0; m < 8; m++) memcpy(C + (size_t)m * ldc, s + 2 * m, 2 * sizeof(float));
+    else
+        for (int m = 0; m < 8; m++)
+            for (int r = 0; r < nr; r++) put(C + (size_t)m * ldc + r, s[2 * m + r], alpha, beta);
+}
 
 /* Output columns [n0, n1) of C = alpha * A W^T + beta * C through the twin of W: blocks
  * of four weight rows, read from memory once for all input rows, two rebuilt per pass
@@ -511,7 +655,12 @@ static void twin_cols(const struct twin *t, int M, int n0, int n1, float alpha,
     const float *x[8];
     for (int n = n0; n < n1; n += 4) {
         int m = 0;
-        for (; m + 8 <= M; m += 8) { TWIN_PASS(8, twin_rows2x8) }
+        for (; m + 8 <= M; m += 8) {
+            for (int i = 0; i < 8; i++) x[i] = A + (size_t)(m + i) * lda;
+            for (int h = n; h < n + 4 && h < n1; h += 2)
+                twin_rows2x8(t, h, x, h + 1 < n1 ? 2 : 1, alpha, beta,
+                             C + (size_t)m * ldc + h, ldc);
+        }
         for (; m + 4 <= M; m += 4) { TWIN_PASS(4, twin_rows2x4) }
         for (; m < M; m++) { TWIN_PASS(1, twin_rows2x1) }
     }
