@@ -137,7 +137,9 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
     if share and base.shares_layers(model):
         layered, solo = prefix.layer_plan(toks, rows, solo)
     if not groups and not layered:
-        return _prefill_padded(model, toks, rows, prefill_step_size)
+        caches, logits = _prefill_padded(model, toks, rows, prefill_step_size)
+        base.share_offsets(caches)
+        return caches, logits
     parts = []  # (batch rows, caches, logits)
     for lg in layered:
         parts.append((list(lg.rows), *_prefill_layered(
@@ -160,6 +162,7 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
         base.keep_rows(caches, where)
         logits = logits[mx.array(where)]
     base.attach_plans(caches, base.build_plans(rows, [len(t) for t in toks]))
+    base.share_offsets(caches)
     return caches, logits
 
 

@@ -74,6 +74,39 @@ def test_strength_zero_is_bit_identical_to_plain_mlx_lm(tiny):
     assert tiny.generate(PROMPT, Steer(vec(tiny), 2, 0.0), max_tokens=12) == ref
 
 
+def test_batch_blocks_share_one_offset_and_one_rope_table(tiny, monkeypatch):
+    """After a batch prefill every block's cache holds one offset array, and each decode
+    step advances them to one array again, so SharedRoPE builds one table per step, not
+    one per block; tokens and logits are those of unshared caches, bit for bit."""
+    v = np.random.default_rng(2).standard_normal(tiny.hidden_size).astype(np.float32)
+    toks = [tiny.encode("The meeting went on for a long time"), tiny.encode("Name a colour")]
+    steers = [[], [Steer(v * 2.0, 1, 1.0)]]  # different lengths: left padding
+    share = base.share_offsets
+    ropes = [type(layer.self_attn.rope) for layer in tiny.model.layers]
+
+    def decode(shared: bool):
+        monkeypatch.setattr(base, "share_offsets", share if shared else lambda c: False)
+        caches, logits = generation.prefill_batch(tiny.model, toks, steers)
+        outs, tables = [logits], []
+        for _ in range(4):
+            base._rope_memo().clear()
+            logits = tiny.model(mx.argmax(logits, -1)[:, None], cache=caches)[:, -1, :]
+            mx.eval(logits)
+            tables.append(len(base._rope_memo()))
+            outs.append(logits)
+        return caches, np.array(mx.stack(outs)), tables
+
+    caches, got, tables = decode(True)
+    _, want, unshared = decode(False)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert len({id(c.offset) for c in caches}) == 1
+    if all(r is base.SharedRoPE for r in ropes):
+        assert tables == [1] * 4 and unshared == [len(ropes)] * 4
+    # unequal offsets are not shared
+    caches[0].offset = caches[0].offset + 1
+    assert not share(caches)
+
+
 @pytest.mark.parametrize("traditional", [True, False])
 def test_shared_rope_equals_mlx_rope_bit_for_bit(traditional):
     """SharedRoPE's tables come from mx.fast.rope on a probe and are applied with the CPU

@@ -561,6 +561,56 @@ def addition_caches(model: nn.Module, layer: int, delta: mx.array, start: int = 
     return make_caches(model, {layer: plan})
 
 
+# ---- one offset array per step for every block of a batch ---------------------------
+
+
+class _ClockedBatchKVCache(BatchKVCache):
+    """A `BatchKVCache` whose blocks share their offset arrays (see `share_offsets`).
+
+    Each block's cache advances its offset itself (`offset + n`); a block whose offset
+    is the very array another block advanced by the same n takes that block's result
+    instead of making its own: the same values, one array. SharedRoPE keys a batch's
+    tables by that array, so a decode step then builds one table, not one per block.
+    Anything else that rebinds an offset (trim, filter, extend) just ends the sharing.
+    """
+
+    clock: dict  # (id(offset before), n) -> (offset before, offset after), per batch
+
+    def update_and_fetch(self, keys, values):
+        before = self.offset
+        out = super().update_and_fetch(keys, values)
+        key = (id(before), keys.shape[2])
+        hit = self.clock.get(key)
+        if hit is not None and hit[0] is before:
+            self.offset = hit[1]
+        else:
+            if len(self.clock) >= 8:  # a few steps back; the oldest first
+                del self.clock[next(iter(self.clock))]
+            self.clock[key] = (before, self.offset)  # holding `before` keeps its id
+        return out
+
+
+def share_offsets(caches: list) -> bool:
+    """Make a batch's per-block caches share one offset array where their offsets are
+    equal (they are after a prefill: every block saw the same positions), so that
+    SharedRoPE builds a decode step's rotary tables once instead of once per block
+    (measured on SmolLM2: 1.7 ms of a 21 ms step at 1 row, 2.5 ms at 8 rows). Returns
+    whether it did; caches of other kinds, or unequal offsets, are left as they are."""
+    if len(caches) < 2 or any(type(c) not in (BatchKVCache, _ClockedBatchKVCache)
+                              for c in caches):
+        return False
+    first = caches[0]
+    if any(c._idx != first._idx or c.offset.shape != first.offset.shape for c in caches):
+        return False
+    if not mx.all(mx.stack([c.offset for c in caches]) == first.offset).item():
+        return False
+    clock: dict = {}
+    for c in caches:
+        c.__class__ = _ClockedBatchKVCache
+        c.offset, c.clock = first.offset, clock
+    return True
+
+
 # ---- continuous batching: rows join and leave a running batch ----------------------
 
 
