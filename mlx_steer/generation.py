@@ -138,8 +138,18 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
         layered, solo = prefix.layer_plan(toks, rows, solo)
     if not groups and not layered:
         caches, logits = _prefill_padded(model, toks, rows, prefill_step_size)
-        base.share_offsets(caches)
-        return caches, logits
+    else:
+        caches, logits = _prefill_parts(model, toks, rows, groups, layered, solo,
+                                        prefill_step_size)
+    base.share_offsets(caches)
+    return caches, logits
+
+
+def _prefill_parts(model: nn.Module, toks: Sequence[list[int]],
+                   rows: Sequence[Sequence[Steer]], groups: list, layered: list,
+                   solo: list[int], prefill_step_size: int) -> tuple[list, mx.array]:
+    """`prefill_batch` with shared prefixes or layers: each part prefilled its way, joined
+    and put back in the rows' order, with the rows' plans attached."""
     parts = []  # (batch rows, caches, logits)
     for lg in layered:
         parts.append((list(lg.rows), *_prefill_layered(
@@ -162,7 +172,6 @@ def prefill_batch(model: nn.Module, toks: Sequence[list[int]],
         base.keep_rows(caches, where)
         logits = logits[mx.array(where)]
     base.attach_plans(caches, base.build_plans(rows, [len(t) for t in toks]))
-    base.share_offsets(caches)
     return caches, logits
 
 

@@ -206,8 +206,9 @@ typedef float v4 __attribute__((vector_size(16)));
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* hsum16 and hsum8 with the same additions written as register extracts: GCC compiles
  * the memcpy halves above through the stack (a 64-byte store, then 32-byte loads of its
- * halves, which the store cannot forward to): measured, a head group's 3-query attention
- * product took 2.1 us in the model, most of it those stalls. */
+ * halves, which the store cannot forward to), which stalls the few-row kernel. The twin
+ * kernels reduce with hsum16_x86 too, in one fixed tree (lower 8 + upper 8, lower 4 +
+ * upper 4 of those, then (q0 + q2) + (q1 + q3)) that twin_sum16 reproduces lane by lane. */
 __attribute__((target("avx512f,avx512vl,fma"))) static inline float hsum16_x86(v16 v) {
     __m512 z = (__m512)v;
     __m256 o = _mm256_add_ps(_mm512_castps512_ps256(z),
@@ -348,22 +349,13 @@ __attribute__((target("avx512f,avx512vl,fma"))) static void row_avx512(
         }
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         const float *b = B + n0;
-        if (nn == 64)
-            for (int k = 0; k < K; k++, b += ldb) {
-                const __m512 xk = _mm512_set1_ps(x[k]);
-                a0 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b), a0);
-                a1 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 16), a1);
-                a2 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 32), a2);
-                a3 = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b + 48), a3);
-            }
-        else
-            for (int k = 0; k < K; k++, b += ldb) {
-                const __m512 xk = _mm512_set1_ps(x[k]);
-                a0 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[0], b), a0);
-                a1 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[1], b + 16), a1);
-                a2 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[2], b + 32), a2);
-                a3 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[3], b + 48), a3);
-            }
+        for (int k = 0; k < K; k++, b += ldb) {
+            const __m512 xk = _mm512_set1_ps(x[k]);
+            a0 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[0], b), a0);
+            a1 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[1], b + 16), a1);
+            a2 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[2], b + 32), a2);
+            a3 = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(mask[3], b + 48), a3);
+        }
         float *c = C + n0;
         if (alpha == 1.0f && beta == 0.0f) {
             _mm512_mask_storeu_ps(c, mask[0], a0);
@@ -577,40 +569,29 @@ TWIN_TARGET static inline void twin_prefetch(const struct twin *t, int n, int g)
         }                                                                                  \
     }
 
-/* The sum of v's 16 lanes, in a fixed tree: upper 8 + lower 8, then upper 4 + lower 4 of
- * those, then lanes 0 + 2 and 1 + 3, then those two (written out rather than left to
- * _mm512_reduce_add_ps, whose tree is the compiler's: twin_sum16 must match it). */
-TWIN_TARGET static inline float twin_sum1(__m512 v) {
-    __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
-                             _mm512_castps512_ps256(v));
-    __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
-    __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, 0x4E)); /* [q0 + q2, q1 + q3, ..] */
-    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55)));
-}
-
-/* s[r][m] = dot(W[n+r], x[m]), each accumulator reduced by twin_sum1. */
+/* s[r][m] = dot(W[n+r], x[m]), each accumulator reduced by hsum16_x86. */
 #define TWIN_ROWS(NAME, NR, MC)                                                             \
     TWIN_TARGET static void NAME(const struct twin *t, int n, const float *const *x,       \
                                  float s[NR][MC]) {                                        \
         TWIN_ACC(NR, MC)                                                                   \
         for (int r = 0; r < NR; r++)                                                       \
-            for (int m = 0; m < MC; m++) s[r][m] = twin_sum1(a[r][m]);                     \
+            for (int m = 0; m < MC; m++) s[r][m] = hsum16_x86((v16)a[r][m]);              \
     }
 TWIN_ROWS(twin_rows2x1, 2, 1)
 TWIN_ROWS(twin_rows2x4, 2, 4)
 
-/* Lane j of the result = twin_sum1(v[j]) bit for bit (the same pairs added, in the same
+/* Lane j of the result = hsum16_x86(v[j]) bit for bit (the same pairs added, in the same
  * operand order), but the 16 reductions share their shuffles and adds: 45 instructions
  * instead of about 130 (at 8 rows and K = 576, separate reductions cost a fifth of the
  * kernel). */
 TWIN_TARGET static inline __m512 twin_sum16(const __m512 v[16]) {
     __m512 u[8], w[4], z[2];
-    for (int p = 0; p < 8; p++) /* [A.hi8 + A.lo8 | B.hi8 + B.lo8] */
-        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE),
-                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44));
-    for (int q = 0; q < 4; q++) /* per 128-bit block: upper 4 + lower 4 of one sum's 8 */
-        w[q] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0xDD),
-                             _mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0x88));
+    for (int p = 0; p < 8; p++) /* [A.lo8 + A.hi8 | B.lo8 + B.hi8] */
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
+    for (int q = 0; q < 4; q++) /* per 128-bit block: lower 4 + upper 4 of one sum's 8 */
+        w[q] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * q], u[2 * q + 1], 0xDD));
     for (int s = 0; s < 2; s++) /* per block: [E0 + E2, E1 + E3, F0 + F2, F1 + F3] */
         z[s] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * s], w[2 * s + 1], 0x44),
                              _mm512_shuffle_ps(w[2 * s], w[2 * s + 1], 0xEE));
