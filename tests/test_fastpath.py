@@ -483,6 +483,45 @@ def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
     assert on["g++ --version"] == "g++ --version"
 
 
+POLICY_CHILD = textwrap.dedent(r"""
+    import glob, json
+    import numpy as np
+    import mlx.core as mx
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((8, 256)).astype(np.float32))
+    w = mx.array(rng.standard_normal((512, 256)).astype(np.float32))
+    mx.eval(x @ w.T)  # a few-row product large enough to start the shim's pool
+    policies = []
+    for stat in glob.glob("/proc/self/task/*/stat"):
+        with open(stat) as fh:
+            policies.append(int(fh.read().rsplit(")", 1)[1].split()[38]))  # field 41
+    print(json.dumps(policies))
+""")
+
+
+def test_pool_threads_run_at_idle_priority(tmp_path):
+    """The shim's pool threads take a core only when no other thread wants it (SCHED_IDLE),
+    unless MLX_STEER_SHIM_IDLE=0; no other thread of the process changes policy."""
+    fast = _fast_env() if sys.platform.startswith("linux") else None
+    if fast is None:
+        pytest.skip("the sgemv shim is not available")
+    script = tmp_path / "policy.py"
+    script.write_text(POLICY_CHILD)
+    env = {**{k: v for k, v in os.environ.items() if k != "MLX_STEER_SHIM_IDLE"}, **fast,
+           "MLX_STEER_SHIM_THREADS": "2"}
+    seen = {}
+    for idle in ("1", "0"):
+        p = subprocess.run([sys.executable, str(script)],
+                           env={**env, "MLX_STEER_SHIM_IDLE": idle}, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        seen[idle] = json.loads(p.stdout)
+    SCHED_OTHER, SCHED_IDLE = 0, 5
+    assert seen["1"].count(SCHED_IDLE) == 1 and seen["1"][0] == SCHED_OTHER  # one worker
+    assert set(seen["1"]) == {SCHED_OTHER, SCHED_IDLE}
+    assert set(seen["0"]) == {SCHED_OTHER}
+
+
 # ---- the module itself, without subprocesses ---------------------------------------
 
 def test_off_on_macos(monkeypatch):

@@ -55,6 +55,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "shim"),
     Setting("MLX_STEER_SHIM_TWIN_SPLIT", "1",
             "rows from which the shim splits quantised-twin products over threads", "shim"),
+    Setting("MLX_STEER_SHIM_IDLE", "1",
+            "the shim's pool threads run at idle priority (0: normal priority)", "shim"),
     Setting("MLX_STEER_SHIM_SPIN", "1000",
             "polls of an idle shim thread before it sleeps (0: never)", "shim"),
     Setting("MLX_STEER_SHIM_SPIN_BATCH", "30000",
