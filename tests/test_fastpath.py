@@ -484,16 +484,17 @@ def test_popen_rewrites_only_mlx_compile_commands(tmp_path):
 
 
 POLICY_CHILD = textwrap.dedent(r"""
-    import glob, json
+    import json, os
     import numpy as np
     import mlx.core as mx
     rng = np.random.default_rng(0)
     x = mx.array(rng.standard_normal((8, 256)).astype(np.float32))
     w = mx.array(rng.standard_normal((512, 256)).astype(np.float32))
     mx.eval(x @ w.T)  # a few-row product large enough to start the shim's pool
-    policies = []
-    for stat in glob.glob("/proc/self/task/*/stat"):
-        with open(stat) as fh:
+    policies = []  # the main thread's first
+    tids = sorted(os.listdir("/proc/self/task"), key=lambda t: (int(t) != os.getpid(), int(t)))
+    for tid in tids:
+        with open(f"/proc/self/task/{tid}/stat") as fh:
             policies.append(int(fh.read().rsplit(")", 1)[1].split()[38]))  # field 41
     print(json.dumps(policies))
 """)

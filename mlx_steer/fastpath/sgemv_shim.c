@@ -122,6 +122,12 @@ static int env_int(const char *name, int dflt) {
     return v > 0 ? v : dflt;
 }
 
+/* An on/off switch that is on by default: off only when set to exactly "0". */
+static int env_off(const char *name) {
+    const char *s = getenv(name);
+    return s && strcmp(s, "0") == 0;
+}
+
 /* A count of polls: unset keeps `dflt`, anything not positive means none. */
 static int env_polls(const char *name, int dflt) {
     const char *s = getenv(name);
@@ -160,8 +166,7 @@ __attribute__((constructor)) static void shim_init(void) {
         atexit(report);
     }
     pick_kernel();
-    s = getenv("MLX_STEER_SHIM_SMALLM");
-    smallm = !(s && strcmp(s, "0") == 0);
+    smallm = !env_off("MLX_STEER_SHIM_SMALLM");
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     nthreads = env_int("MLX_STEER_SHIM_THREADS",
                        env_int("OPENBLAS_NUM_THREADS", ncpu > 0 ? (int)ncpu : 1));
@@ -169,10 +174,8 @@ __attribute__((constructor)) static void shim_init(void) {
     spin = env_polls("MLX_STEER_SHIM_SPIN", spin);
     spin_batch = env_polls("MLX_STEER_SHIM_SPIN_BATCH", spin_batch);
     twin_split_rows = env_int("MLX_STEER_SHIM_TWIN_SPLIT", twin_split_rows);
-    s = getenv("MLX_STEER_SHIM_IDLE");
-    if (s && strcmp(s, "0") == 0) idle_workers = 0;
-    s = getenv("MLX_STEER_SHIM_NATIVE");
-    if (s && strcmp(s, "0") == 0) native = 0;
+    if (env_off("MLX_STEER_SHIM_IDLE")) idle_workers = 0;
+    if (env_off("MLX_STEER_SHIM_NATIVE")) native = 0;
 }
 
 /* Exported so a test can tell that the shim is loaded. */
@@ -393,8 +396,7 @@ static void pick_kernel(void) {
     smallm_cols = avx512 ? cols_avx512 : avx2 ? cols_avx2 : cols_generic;
     row_times = avx512 ? row_avx512 : avx2 ? row_avx2 : row_generic;
     twin_isa = avx512 && __builtin_cpu_supports("avx512bw");
-    s = getenv("MLX_STEER_SHIM_TWINS");
-    if (s && strcmp(s, "0") == 0) twin_isa = 0;
+    if (env_off("MLX_STEER_SHIM_TWINS")) twin_isa = 0;
 #endif
 }
 
