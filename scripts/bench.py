@@ -1039,7 +1039,8 @@ def fmt(v, unit=""):
 
 def markdown(meta: dict) -> str:
     lines = [f"mlx-steer benchmarks — {meta['model']} on {meta['cpu']} "
-             f"({meta['cores']} cores), {meta['fastpath']}; median of {meta['runs']} runs "
+             f"({meta['cores']} cores), MLX {meta['mlx']} on {meta['device']}, "
+             f"{meta['fastpath']}; median of {meta['runs']} runs "
              f"after a warm-up; load average {meta['load_before']:.1f} -> {meta['load_after']:.1f}",
              "",
              "| # | workload | ours | unit | reference | ratio | target | met | note |",
@@ -1114,6 +1115,7 @@ def _run(args, only) -> int:
     t = time.perf_counter()
     lab = load_lab(args.model)
     meta = {**machine(), "model": lab.name, "runs": args.runs, "mlx": mx.__version__,
+            "device": str(mx.default_device()),
             "fastpath": fastpath.describe(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "shim_native": os.environ.get("MLX_STEER_SHIM_NATIVE", "1") != "0",
             "load_seconds": time.perf_counter() - t, "load_before": load_before,

@@ -25,6 +25,18 @@ def smollm():
     return mlx_steer.load()
 
 
+@pytest.fixture
+def on_cpu():
+    """MLX's CPU device for the test: it checks a path mlx_steer takes on the CPU only (on a
+    GPU, Metal or CUDA, the same call takes MLX's own kernels instead)."""
+    import mlx.core as mx
+
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
 @pytest.fixture(params=["mistral", "phi3"])
 def tiny(request):
     from tiny import tiny_lab

@@ -12,8 +12,9 @@ from mlx_steer import fastpath
 from mlx_steer.models import attention, base, install, uninstall
 from tiny import tiny_lab
 
-pytestmark = pytest.mark.skipif(not attention._SEQUENTIAL_FLOATS,
-                                reason="bit-identity holds where MLX has no float SIMD types")
+pytestmark = [pytest.mark.skipif(not attention._SEQUENTIAL_FLOATS,
+                                 reason="bit-identity holds where MLX has no float SIMD types"),
+              pytest.mark.usefixtures("on_cpu")]
 
 
 def bits(a: mx.array) -> np.ndarray:

@@ -1,5 +1,6 @@
 """mlx_steer.config: one table of every MLX_STEER_* variable, read one way."""
 
+import os
 import re
 import subprocess
 import sys
@@ -48,3 +49,17 @@ def test_the_table_is_printed():
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert all(name in out.stdout for name in config.SETTINGS)
+
+
+@pytest.mark.parametrize("chosen", [None, "1", "0"])
+def test_mlx_tf32_is_off_unless_the_user_chose(chosen):
+    """Importing mlx_steer keeps MLX's float32 products in full precision (MLX_ENABLE_TF32=0)
+    unless the variable is already set, which it leaves as it is."""
+    env = {k: v for k, v in os.environ.items() if k != config.TF32}
+    if chosen is not None:
+        env[config.TF32] = chosen
+    p = subprocess.run([sys.executable, "-c", "import os, mlx_steer; "
+                        f"print(os.environ.get({config.TF32!r}))"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (chosen or "0")

@@ -74,6 +74,7 @@ def test_strength_zero_is_bit_identical_to_plain_mlx_lm(tiny):
     assert tiny.generate(PROMPT, Steer(vec(tiny), 2, 0.0), max_tokens=12) == ref
 
 
+@pytest.mark.usefixtures("on_cpu")  # the shared tables are the CPU path
 def test_batch_blocks_share_one_offset_and_one_rope_table(tiny, monkeypatch):
     """After a batch prefill every block's cache holds one offset array, and each decode
     step advances them to one array again, so SharedRoPE builds one table per step, not
@@ -107,6 +108,7 @@ def test_batch_blocks_share_one_offset_and_one_rope_table(tiny, monkeypatch):
     assert not share(caches)
 
 
+@pytest.mark.usefixtures("on_cpu")  # the shared tables are the CPU path
 @pytest.mark.parametrize("traditional", [True, False])
 def test_shared_rope_equals_mlx_rope_bit_for_bit(traditional):
     """SharedRoPE's tables come from mx.fast.rope on a probe and are applied with the CPU

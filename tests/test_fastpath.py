@@ -29,6 +29,7 @@ CHILD = textwrap.dedent(r'''
     import ctypes, json, sys
     import numpy as np
     import mlx.core as mx
+    mx.set_default_device(mx.cpu)  # the CPU path is what these children measure
     import mlx_steer
     from mlx_steer import Steer, fastpath
     from mlx_steer.models import base
@@ -351,6 +352,7 @@ JIT_CHILD = textwrap.dedent(r"""
     import sys
     import numpy as np
     import mlx.core as mx
+    mx.set_default_device(mx.cpu)  # the CPU path is what these children measure
     import mlx.nn as nn
 
     @mx.compile
@@ -487,6 +489,7 @@ POLICY_CHILD = textwrap.dedent(r"""
     import json, os
     import numpy as np
     import mlx.core as mx
+    mx.set_default_device(mx.cpu)  # the CPU path is what these children measure
     rng = np.random.default_rng(0)
     x = mx.array(rng.standard_normal((8, 256)).astype(np.float32))
     w = mx.array(rng.standard_normal((512, 256)).astype(np.float32))

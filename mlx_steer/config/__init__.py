@@ -102,6 +102,22 @@ def number(name: str) -> float:
         return float(_setting(name).default)
 
 
+TF32 = "MLX_ENABLE_TF32"  # MLX's own variable, not in SETTINGS
+
+
+def full_float32() -> None:
+    """Keep MLX's float32 matrix products in full float32 unless the user chose otherwise.
+
+    MLX runs float32 matmuls, quantised matmuls and attention at TF32 precision by default
+    on hardware with matrix units (CUDA GPUs, Apple M5); it reads `MLX_ENABLE_TF32` at the
+    first such product. The lab compares rows of one batch with each other and with
+    requests run alone, which needs the same arithmetic at every batch size: on an H200,
+    with TF32, batched rows differed from the request alone by up to 4e-3 in
+    log-probabilities (docs/BENCHMARKS.md). `MLX_ENABLE_TF32=1` restores MLX's default.
+    """
+    os.environ.setdefault(TF32, "0")
+
+
 def home() -> Path:
     """Root of mlx-steer's user data: $MLX_STEER_HOME or ~/.cache/mlx-steer."""
     return Path(os.environ.get("MLX_STEER_HOME") or Path.home() / ".cache" / "mlx-steer")
