@@ -41,7 +41,8 @@ def embedded_gguf() -> Path:
 
 
 def default_dequantize() -> bool:
-    """On MLX's CPU backend float32 weights decode faster than 4-bit kernels."""
+    """Expand to float32 off Metal: on MLX's CPU backend float32 weights decode faster than
+    4-bit kernels; on CUDA too (not measured there with 4-bit weights)."""
     return mx.default_device() == mx.cpu or not mx.metal.is_available()
 
 
@@ -56,7 +57,7 @@ def load(name: str | None = None, dequantize: bool | None = None, group=None,
             Hugging Face repo id, a local MLX model folder, or a llama-architecture
             `.gguf` file.
         dequantize: for GGUF files, expand quantised weights to float32
-            (default: on the CPU backend, where that decodes faster).
+            (default: off Metal, see `default_dequantize`).
         group: an `mx.distributed` group (e.g. `mlx_steer.distributed.world()`
             under `mlx.launch`): the model is sharded over its ranks with
             mlx-lm's own sharding (Hugging Face repos and MLX folders through
