@@ -33,7 +33,7 @@ for s in ${SECTIONS:-step shared overhead sweeps compare calibration}; do
         --runs "${RUNS:-3}" --json "$OUT/bench-$s.json" >>"$OUT/bench.log" 2>&1
     echo "exit $?" >>"$OUT/bench.log"
 done
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" <<'EOF'  # one JSON file of every section's rows
 import json, sys
 from pathlib import Path
 
@@ -44,10 +44,8 @@ for f in sorted(out.glob("bench-*.json")):
     meta = meta or data["meta"]
     rows += data["rows"]
 (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-for r in rows:
-    ratio = "" if r.get("ratio") is None else f" ratio {r['ratio']:.2f}"
-    print(f"{r['section']}: {r['workload']}: {r['ours']} {r['unit']}{ratio} {r['note']}")
 EOF
+grep -E '^\|' "$OUT/bench.log"  # each section's table, as bench.py printed it
 
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
 timeout -s INT "${TEST_TIMEOUT:-900}" "$PY" -m pytest -q -ra -p no:cacheprovider \

@@ -112,8 +112,8 @@ def full_float32() -> None:
     on hardware with matrix units (CUDA GPUs, Apple M5); it reads `MLX_ENABLE_TF32` at the
     first such product. The lab compares rows of one batch with each other and with
     requests run alone, which needs the same arithmetic at every batch size: on an H200,
-    with TF32, batched rows differed from the request alone by up to 4e-3 in
-    log-probabilities (docs/BENCHMARKS.md). `MLX_ENABLE_TF32=1` restores MLX's default.
+    with TF32, batched rows differed from the request alone by up to 5.6e-4 in
+    log-probabilities (docs/BENCHMARKS.md §8). `MLX_ENABLE_TF32=1` restores MLX's default.
     """
     os.environ.setdefault(TF32, "0")
 
