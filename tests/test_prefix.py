@@ -151,6 +151,17 @@ def test_rows_shared_by_layer_equal_rows_prefilled_alone(tiny):
     assert len({r.text for r in batched}) > 2
 
 
+def _same_keys(a: np.ndarray, b: np.ndarray) -> None:
+    """Bit for bit on MLX's CPU. On a GPU a block's products over the trunk alone and over
+    the trunk with a row grown from it are products of different row counts, which take
+    different kernels and round differently (README, "How steering works"; on an H200
+    these keys differed in their seventh digit): there, to float32 rounding."""
+    if mx.default_device() == mx.cpu:
+        assert np.array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 def test_layer_shared_prefill_keeps_the_trunk_only_while_needed(tiny):
     v = vec(tiny.hidden_size, 3)
     tokens = tiny.encode(PROMPT, chat=True)
@@ -172,8 +183,8 @@ def test_layer_shared_prefill_keeps_the_trunk_only_while_needed(tiny):
     # row 0 reads the trunk's keys up to block 2 (it leaves after block 2): the unsteered
     # model's, bit for bit; row 1 its own from block 1 on
     for layer in range(3):
-        assert np.array_equal(keys[layer][0], alone[0][layer][0])
-    assert np.array_equal(keys[0][1], alone[0][0][0])
+        _same_keys(keys[layer][0], alone[0][layer][0])
+    _same_keys(keys[0][1], alone[0][0][0])
     for layer in (1, 2, 3):
         assert not np.array_equal(keys[layer][1], alone[0][layer][0])
         np.testing.assert_allclose(keys[layer][1], alone[1][layer][0], atol=1e-5)
