@@ -45,10 +45,13 @@ def test_install_keeps_names_classes_and_loading(tiny):
     assert not any(isinstance(layer.self_attn, base.SteerAttentionMixin)
                    for layer in model.layers)
     assert all(type(layer.self_attn.rope) is nn.RoPE for layer in model.layers)
+    norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    assert len(norms) == 2 * tiny.num_layers + 1 and all(type(m) is nn.RMSNorm for m in norms)
     install(model)
     install(model)  # idempotent
     assert all(type(layer) is expected for layer in model.layers)
     assert all(type(layer.self_attn.rope) is base.SharedRoPE for layer in model.layers)
+    assert all(type(m) is base.FusedRMSNorm for m in norms)
     model.load_weights(list(zip(names, [v for _, v in _flat(model)])), strict=True)
     assert len(make_prompt_cache(model)) == tiny.num_layers
 
@@ -308,3 +311,36 @@ def test_vector_is_cast_to_stream_dtype():
     assert all(c.capture[0].dtype == mx.float16 for c in caches)
     assert caches[3].keys.dtype == mx.float16
     assert np.isfinite(h).all()
+
+
+@pytest.mark.usefixtures("on_cpu")  # the fused norm is the CPU path
+def test_fused_rms_norm_equals_mlx_bit_for_bit():
+    """FusedRMSNorm gives nn.RMSNorm's bits for every dtype, rank and batch shape, one
+    compiled function serving them all in turn, on extreme values too; where fusion is
+    exact it really is one fused kernel."""
+    import io
+
+    rng = np.random.default_rng(3)
+    D = 48
+    special = np.array([0.0, -0.0, 1e-30, -1e-38, 3e38, -3e38, 1e-7, 65504.0, 1.0, -2.5],
+                       np.float32)
+    for eps in (1e-5, 1e-6):
+        for dtype in (mx.float32, mx.float16, mx.bfloat16):
+            plain = nn.RMSNorm(D, eps=eps)
+            plain.weight = mx.array(rng.standard_normal(D).astype(np.float32)).astype(dtype)
+            fused = nn.RMSNorm(D, eps=eps)
+            fused.weight = plain.weight
+            fused.__class__ = base.FusedRMSNorm
+            for shape in [(1, 1, D), (8, 1, D), (1, 43, D), (5, D), (2, 3, 4, D), (1, 1, D)]:
+                x = rng.standard_normal(shape).astype(np.float32) * 10.0 ** rng.integers(-3, 4)
+                x.reshape(-1, D)[0] = 0.0  # a row of zeros: rsqrt(eps)
+                x.reshape(-1, D)[-1, :len(special)] = special
+                xa = mx.array(x).astype(dtype)
+                want, got = plain(xa), fused(xa)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert np.array_equal(np.array(got.astype(mx.float32)).view(np.uint32),
+                                      np.array(want.astype(mx.float32)).view(np.uint32)), \
+                    (eps, dtype, shape)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, fused(xa))
+    assert ("Compiled" in dot.getvalue()) == base._EXACT_FUSION

@@ -10,7 +10,10 @@ only their own steering. Parameter names, weight loading, `make_cache` and
 
 from __future__ import annotations
 
+import functools
 import inspect
+import platform
+import sys
 import threading
 import types
 from typing import Any, Sequence
@@ -91,6 +94,51 @@ def positions(offset: Any, length: int) -> mx.array:
     return offset[:, None] + mx.arange(length)[None]
 
 
+# MLX fuses a compiled function's elementwise operations into one CPU kernel that g++
+# builds at run time. On Linux x86-64 every product and sum in it still rounds on its own,
+# as MLX's separate operations do: without -march the target has no fma instruction, and
+# the fast path's shim adds -march=native together with -ffp-contract=off. Elsewhere
+# (clang on macOS; aarch64, whose baseline has fma) a compiler may fuse a * b + c into one
+# rounding, so there the composed operations are kept.
+_EXACT_FUSION = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def _fusing() -> bool:
+    """Whether this call may take a fused kernel: MLX's CPU device where fusion is exact."""
+    return _EXACT_FUSION and mx.default_device() == mx.cpu
+
+
+def _rotation(x1, x2, cos, sin):
+    """The CPU fallback of `mx.fast.rope`'s rotation, in its order."""
+    return x1 * cos - x2 * sin, x1 * sin + x2 * cos
+
+
+# Fewer operations per decode step: on the CPU a step's time is largely MLX's cost per
+# operation (see FusedRMSNorm).
+_rotated = mx.compile(_rotation, shapeless=True)
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm as one compiled function on MLX's CPU: the same bits, fewer operations.
+
+    On the CPU `mx.fast.rms_norm` has no kernel: MLX composes it from ~11 operations, and a
+    decode step of SmolLM2 calls it 61 times. Compiled, its elementwise tail (the mean's
+    scale, + eps, rsqrt and the two products) is one fused kernel. With the rotation of
+    SharedRoPE fused too, a 1-row step of SmolLM2 has 2,561 operations instead of 3,468
+    (docs/BENCHMARKS.md). Elsewhere it is nn.RMSNorm.
+    """
+
+    def __call__(self, x):
+        if not _fusing():
+            return super().__call__(x)
+        return _fused_rms_norm(self.eps)(x, self["weight"])
+
+
+@functools.lru_cache(maxsize=None)  # one compiled function per epsilon (a model has one)
+def _fused_rms_norm(eps: float):
+    return mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
+
+
 class SharedRoPE(nn.RoPE):
     """mlx's RoPE with its cosines and sines computed once per step, not once per call.
 
@@ -100,8 +148,9 @@ class SharedRoPE(nn.RoPE):
     MLX operations). Here the tables are built by `mx.fast.rope` itself, on a probe of ones
     and zeros (rotating (1, 0) gives (cos, sin), each exactly: 1 * c - 0 * s = c), once per
     offset and length, and every call applies them with the fallback's own operations in
-    its order, so the result is the same bit for bit (`tests/test_core.py`). Elsewhere
-    (a GPU, another input rank) it is `nn.RoPE`.
+    its order, so the result is the same bit for bit (`tests/test_core.py`); where fusion is
+    exact, that rotation is one fused kernel. Elsewhere (a GPU, another input rank) it is
+    `nn.RoPE`.
     """
 
     def __call__(self, x, offset=0):
@@ -114,8 +163,7 @@ class SharedRoPE(nn.RoPE):
             x1, x2 = x[..., 0:d:2], x[..., 1:d:2]
         else:
             x1, x2 = x[..., : d // 2], x[..., d // 2: d]
-        o1 = x1 * cos - x2 * sin
-        o2 = x1 * sin + x2 * cos
+        o1, o2 = (_rotated if _fusing() else _rotation)(x1, x2, cos, sin)
         if self.traditional:
             out = mx.concatenate([o1[..., None], o2[..., None]], axis=-1).reshape(B, N, T, d)
             return mx.concatenate([out, x[..., d:]], axis=-1) if d < D else out
@@ -307,8 +355,13 @@ def layer_span(model: nn.Module) -> range:
 
 
 def install(model: nn.Module) -> nn.Module:
-    """Make every decoder block of `model` steerable (in place; idempotent)."""
-    for layer in decoder_layers(model):
+    """Make every decoder block of `model` steerable (in place; idempotent), with the
+    CPU's shared RoPE tables and fused RMSNorms (the same bits)."""
+    layers = decoder_layers(model)  # not a decoder: an error, and nothing changed
+    for m in model.modules():
+        if type(m) is nn.RMSNorm:  # exactly: other norms compute other things
+            m.__class__ = FusedRMSNorm
+    for layer in layers:
         layer.__class__ = _steered_class(type(layer))
         attn = _attention(layer)
         if attn is not None:
@@ -321,6 +374,9 @@ def install(model: nn.Module) -> nn.Module:
 
 def uninstall(model: nn.Module) -> nn.Module:
     """Restore mlx-lm's own block classes (in place)."""
+    for m in model.modules():
+        if type(m) is FusedRMSNorm:
+            m.__class__ = nn.RMSNorm
     for layer in decoder_layers(model):
         if isinstance(layer, SteerMixin):
             layer.__class__ = type(layer)._base_block
