@@ -358,8 +358,8 @@ def install(model: nn.Module) -> nn.Module:
     """Make every decoder block of `model` steerable (in place; idempotent), with the
     CPU's shared RoPE tables and fused RMSNorms (the same bits)."""
     layers = decoder_layers(model)  # not a decoder: an error, and nothing changed
-    for m in model.modules():
-        if type(m) is nn.RMSNorm:  # exactly: other norms compute other things
+    for m in model.modules():  # where fusion is exact: elsewhere it would only add a call
+        if _EXACT_FUSION and type(m) is nn.RMSNorm:  # exactly: other norms differ
             m.__class__ = FusedRMSNorm
     for layer in layers:
         layer.__class__ = _steered_class(type(layer))
