@@ -31,7 +31,10 @@ from ..fastpath import rows_alone
 # (measured: break-even at 2 rows x 9 heads x 60 keys, a gain of ~30% from 8 rows).
 MIN_SCORES = 2048
 
-_SEQUENTIAL_FLOATS = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+# MLX's CPU build on Linux x86-64: where its floats are sequential here, and where its
+# compiled kernels round every operation on its own (models/base.py, _EXACT_FUSION)
+LINUX_X86_64 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+_SEQUENTIAL_FLOATS = LINUX_X86_64
 
 # masks MLX takes with float32 scores: boolean (where), or additive in a type that promotes
 _MASK_TYPES = (mx.bool_, mx.float32, mx.float16, mx.bfloat16)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import platform
-import sys
 import threading
 import types
 from typing import Any, Sequence
@@ -100,7 +98,7 @@ def positions(offset: Any, length: int) -> mx.array:
 # the fast path's shim adds -march=native together with -ffp-contract=off. Elsewhere
 # (clang on macOS; aarch64, whose baseline has fma) a compiler may fuse a * b + c into one
 # rounding, so there the composed operations are kept.
-_EXACT_FUSION = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+_EXACT_FUSION = attention.LINUX_X86_64
 
 
 def _fusing() -> bool:
@@ -163,7 +161,7 @@ class SharedRoPE(nn.RoPE):
             x1, x2 = x[..., 0:d:2], x[..., 1:d:2]
         else:
             x1, x2 = x[..., : d // 2], x[..., d // 2: d]
-        o1, o2 = (_rotated if _fusing() else _rotation)(x1, x2, cos, sin)
+        o1, o2 = (_rotated if _EXACT_FUSION else _rotation)(x1, x2, cos, sin)  # on the CPU
         if self.traditional:
             out = mx.concatenate([o1[..., None], o2[..., None]], axis=-1).reshape(B, N, T, d)
             return mx.concatenate([out, x[..., d:]], axis=-1) if d < D else out
